@@ -1,0 +1,3 @@
+from menseg.cli import main
+
+main()

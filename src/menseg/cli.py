@@ -1,0 +1,217 @@
+"""The ``menseg`` command line. Heavy modules are imported inside the commands.
+
+User errors (:class:`menseg.errors.MensegError`) are printed as one line on
+stderr with exit code 2; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from menseg.errors import MensegError
+
+app = typer.Typer(
+    name="menseg",
+    help="Data-efficient 3D meningioma segmentation from multi-modal MRI (t1c, t1n, t2f, t2w).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Check and convert datasets (BraTS-MEN and nnU-Net v2 layouts).",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Measured benchmarks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="benchmark")
+
+_state = {"debug": False}
+log = logging.getLogger("menseg")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug-level logging.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (BraTS or nnU-Net v2 raw layout).")],
+) -> None:
+    """Validate a dataset and print one row per case (shape, spacing, label volumes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from menseg.data.validate import check_dataset
+
+    reports = check_dataset(root)
+    table = Table(title=f"{root} — {len(reports)} case(s), all valid")
+    for col in ("case", "shape", "spacing (mm)", "orient", "dtype", "NETC mm³", "SNFH mm³",
+                "ET mm³"):
+        table.add_column(col, justify="right" if "mm" in col else "left")
+    for r in reports:
+        vols = r.label_volumes_mm3 or {}
+        table.add_row(
+            r.case_id,
+            "x".join(str(s) for s in r.shape),
+            "x".join(f"{s:.2f}" for s in r.spacing),
+            r.orientation,
+            r.dtype,
+            *(f"{vols[k]:.0f}" if k in vols else "-" for k in (1, 2, 3)),
+        )
+    Console().print(table)
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[Path, typer.Argument(help="Source dataset folder.")],
+    dst: Annotated[Path, typer.Argument(help="Destination folder (must not exist or be empty).")],
+    to: Annotated[str, typer.Option("--to", help="Target layout: brats or nnunet.")] = "nnunet",
+) -> None:
+    """Convert a dataset between the BraTS and nnU-Net v2 layouts (files copied byte for byte)."""
+    from menseg.data.layouts import convert_dataset
+
+    if to not in ("brats", "nnunet"):
+        raise MensegError(f"--to must be 'brats' or 'nnunet', got '{to}'")
+    n = convert_dataset(src, dst, to)
+    typer.echo(f"converted {n} case(s) to the {to} layout in {dst}")
+
+
+@app.command("train", context_settings={"allow_extra_args": False})
+def train_cmd(
+    config: Annotated[str, typer.Argument(help="YAML config path or packaged name (baseline, demo).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides, e.g. data=DIR train.steps=500 out_dir=runs/x."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/latest.pt.")] = False,
+) -> None:
+    """Train a segmentation model; the resolved config is saved in the run folder."""
+    from menseg.config import load_config
+
+    cfg = load_config(config, overrides or [])  # fail fast on a bad config, before heavy imports
+    from menseg.train.trainer import train
+
+    run_dir = train(cfg, resume=resume)
+    typer.echo(f"run folder: {run_dir} (best.pt, latest.pt, metrics.jsonl, config.yaml)")
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="Checkpoint (best.pt) or run folder.")],
+    input: Annotated[Path, typer.Argument(help="A case folder, a dataset folder or one t1c file.")],
+    output: Annotated[Path, typer.Argument(help="Output folder (or a .nii.gz path for one case).")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    mirror: Annotated[
+        bool | None, typer.Option("--mirror/--no-mirror", help="Test-time mirroring (8 flips).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+) -> None:
+    """Predict BraTS-MEN labels, written in each input's own space."""
+    from menseg.infer.predict import predict
+
+    if model.is_dir():
+        model = model / "best.pt"
+    written = predict(model, input, output, device=device, mirror=mirror, overwrite=overwrite)
+    for p in written:
+        typer.echo(str(p))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted <case>.nii.gz labels.")],
+    ref: Annotated[Path, typer.Argument(help="Reference: BraTS layout or flat folder of labels.")],
+    out: Annotated[Path, typer.Option("--out", help="Where metrics.csv and summary.json go.")],
+) -> None:
+    """Lesion-wise (BraTS 2023 MEN) and legacy metrics per case and summarised."""
+    from menseg.evaluate.runner import evaluate_folders
+
+    summary = evaluate_folders(pred, ref, out)
+    _print_summary(summary)
+    typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from menseg.constants import REGION_NAMES
+
+    means = summary.get("mean", {})
+    table = Table(title=f"mean over {summary.get('n_cases', '?')} case(s)")
+    table.add_column("metric")
+    for r in REGION_NAMES:
+        table.add_column(r, justify="right")
+    for metric in ("lesion_dice", "lesion_hd95", "dice", "hd95", "surface_dice_1mm"):
+        vals = [means.get(f"{r}_{metric}") for r in REGION_NAMES]
+        table.add_row(metric, *("-" if v is None else f"{v:.3f}" for v in vals))
+    Console().print(table)
+
+
+@bench_app.command("speed")
+def bench_speed(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quick: Annotated[bool, typer.Option(help="Tiny sizes, for a smoke test.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the figures as JSON here.")] = None,
+) -> None:
+    """Training it/s, prediction s/case and peak memory: default model vs nnU-Net-sized."""
+    from menseg.bench.speed import benchmark_speed, render_speed
+    from menseg.utils import write_json_atomic
+
+    res = benchmark_speed(device=device, quick=quick)
+    render_speed(res)
+    if out is not None:
+        write_json_atomic(out, res)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the demo data, run and results.")] = Path(
+        "menseg-demo"
+    ),
+    steps: Annotated[int | None, typer.Option(help="Training steps (default from demo config).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+) -> None:
+    """Generate a small phantom dataset, train, predict the held-out cases, evaluate."""
+    from menseg.demo import run_demo
+
+    summary = run_demo(out, steps=steps, overwrite=overwrite)
+    _print_summary(summary)
+
+
+def main() -> None:
+    """Console entry point: one-line errors unless --debug."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except MensegError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a CLI must not dump tracebacks on users
+        if debug:
+            raise
+        typer.echo(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                   err=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Run configuration: frozen dataclasses, YAML load/save and dotted CLI overrides.
+
+A run is configured by one YAML file (a path, or the name of a packaged config
+such as ``baseline``) plus overrides ``section.key=value``. ``data=DIR`` is a
+shorthand for ``data.root=DIR``. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from menseg.errors import MensegError
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled cases are and how they are preprocessed."""
+
+    root: str | None = None  #: dataset folder (BraTS or nnU-Net v2 raw layout)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  #: target spacing, mm
+    val_fraction: float = 0.2  #: share of cases held out for validation (at least one)
+    val_cases: tuple[str, ...] = ()  #: explicit validation case ids (overrides val_fraction)
+    cache_dir: str | None = None  #: preprocessed cache; default <out_dir>/preprocessed
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """3D U-Net of the nnU-Net family (MONAI DynUNet)."""
+
+    name: str = "dynunet"
+    filters: tuple[int, ...] = (16, 32, 64, 128, 256)  #: channels per stage
+    deep_supervision: bool = True
+    deep_supr_num: int = 2  #: extra low-resolution heads used by the loss
+    norm: str = "instance"
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """Probabilities and ranges of the replayable spatial and intensity augmentations."""
+
+    p_flip: float = 0.5  #: per axis
+    p_rotate: float = 0.2
+    rotate_deg: float = 30.0
+    p_scale: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    p_elastic: float = 0.1
+    elastic_magnitude_mm: float = 4.0
+    elastic_grid: int = 5  #: control points per axis
+    p_gamma: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_noise: float = 0.1
+    noise_std: tuple[float, float] = (0.0, 0.1)
+    p_bias: float = 0.1
+    bias_strength: float = 0.3
+    p_blur: float = 0.2
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    p_lowres: float = 0.2
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation budget and schedule."""
+
+    steps: int = 1000
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (96, 96, 96)  #: voxels
+    lr: float = 1e-2  #: SGD + Nesterov, poly decay as nnU-Net
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    fg_oversample: float = 0.33  #: share of patches centred on foreground
+    val_every: int = 250
+    checkpoint_every: int = 50
+    amp: bool = True  #: mixed precision on CUDA (bf16 where supported)
+    num_workers: int = 0  #: batch-building worker processes
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Sliding-window prediction and post-processing."""
+
+    overlap: float = 0.5
+    mirror: bool = False  #: test-time mirroring on all three axes
+    sw_batch_size: int = 1
+    min_component_mm3: float = 10.0  #: predicted components smaller than this are removed
+    threshold: float = 0.5
+    precision: str = "fp32"  #: fp32 | bf16
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    name: str = "baseline"
+    out_dir: str = "runs/baseline"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (tuples become lists, YAML-friendly)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MensegError(f"config key '{where}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except MensegError as e:
+                errors.append(str(e))
+        raise MensegError(errors[0] if errors else f"config key '{where}': bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise MensegError(f"config key '{where}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise MensegError(f"config key '{where}' needs {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MensegError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MensegError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MensegError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise MensegError(f"config key '{where}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        key = f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0]
+        raise MensegError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a packaged config (``baseline``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(x.stem for x in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise MensegError(f"no such config file or packaged config (packaged: {known})", p)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise MensegError(f"override '{dotted}': '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.steps=10", "data=/x"]`` into a nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise MensegError(f"override '{item}' must look like key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise MensegError(f"override '{item}' has an empty key")
+        if key == "data":
+            key = "data.root"
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise MensegError(f"override '{item}': value is not valid YAML ({e})") from None
+        _set_dotted(out, key, value)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config (packaged name or YAML path), apply dotted overrides, validate."""
+    d: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MensegError(f"not valid YAML ({e})", path) from None
+        if not isinstance(loaded, dict):
+            raise MensegError("config must be a YAML mapping", path)
+        d = loaded
+    d = _merge(d, parse_overrides(overrides or []))
+    return from_dict(Config, d)
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """Return ``cfg`` with dotted overrides applied."""
+    return from_dict(Config, _merge(to_dict(cfg), parse_overrides(overrides)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from menseg.utils import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

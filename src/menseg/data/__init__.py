@@ -1,0 +1,1 @@
+"""Data: NIfTI I/O, layouts, validation, preprocessing, datasets."""

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from menseg.config import (
+    PACKAGED_CONFIGS,
+    Config,
+    load_config,
+    parse_overrides,
+    replace,
+    save_config,
+    to_dict,
+)
+from menseg.errors import MensegError
+
+
+def test_packaged_configs_load():
+    names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    assert "baseline" in names and "demo" in names
+    for n in names:
+        cfg = load_config(n)
+        assert isinstance(cfg, Config)
+        assert cfg.name == n
+
+
+def test_overrides_types_and_shorthand(tmp_path: Path):
+    cfg = load_config("baseline", ["data=/some/dir", "train.steps=7", "train.patch_size=[32,32,16]",
+                                    "model.deep_supervision=false", "infer.overlap=0.25"])
+    assert cfg.data.root == "/some/dir"
+    assert cfg.train.steps == 7
+    assert cfg.train.patch_size == (32, 32, 16)
+    assert cfg.model.deep_supervision is False
+    assert cfg.infer.overlap == 0.25
+    # int given to a float field is accepted and converted
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (["train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["train.steps=abc"], "must be an integer"),
+        (["train.patch_size=[1,2]"], "needs 3 values"),
+        (["nonsense"], "key=value"),
+        (["model.deep_supervision=3"], "true or false"),
+    ],
+)
+def test_bad_overrides_are_clear(bad, fragment):
+    with pytest.raises(MensegError, match=fragment.replace("[", r"\[")):
+        load_config("baseline", bad)
+
+
+def test_roundtrip_save_load(tmp_path: Path):
+    cfg = load_config("demo", ["train.steps=11"])
+    p = tmp_path / "c.yaml"
+    save_config(cfg, p)
+    assert yaml.safe_load(p.read_text())["train"]["steps"] == 11
+    assert load_config(p) == cfg
+    assert replace(cfg, ["train.seed=5"]).train.seed == 5
+    assert to_dict(cfg)["train"]["patch_size"] == list(cfg.train.patch_size)
+
+
+def test_missing_config_names_packaged():
+    with pytest.raises(MensegError, match="packaged: .*baseline"):
+        load_config("does-not-exist")
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
