@@ -50,7 +50,6 @@ def data_check(
     root: Annotated[Path, typer.Argument(help="Dataset folder (BraTS or nnU-Net v2 raw layout).")],
 ) -> None:
     """Validate a dataset and print one row per case (shape, spacing, label volumes)."""
-    from rich.console import Console
     from rich.table import Table
 
     from menseg.data.validate import check_dataset
@@ -70,7 +69,7 @@ def data_check(
             r.dtype,
             *(f"{vols[k]:.0f}" if k in vols else "-" for k in (1, 2, 3)),
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @data_app.command("convert")
@@ -142,8 +141,15 @@ def evaluate_cmd(
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
 
 
-def _print_summary(summary: dict) -> None:
+def _console():  # noqa: ANN202 - rich is imported lazily
+    """A rich console that does not squeeze tables to 80 columns when output is piped."""
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
     from menseg.constants import REGION_NAMES
@@ -156,7 +162,7 @@ def _print_summary(summary: dict) -> None:
     for metric in ("lesion_dice", "lesion_hd95", "dice", "hd95", "surface_dice_1mm"):
         vals = [means.get(f"{r}_{metric}") for r in REGION_NAMES]
         table.add_row(metric, *("-" if v is None else f"{v:.3f}" for v in vals))
-    Console().print(table)
+    _console().print(table)
 
 
 @bench_app.command("speed")
