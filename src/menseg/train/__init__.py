@@ -1,0 +1,1 @@
+"""Training: augmentations, losses, the trainer."""

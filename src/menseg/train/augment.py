@@ -1,0 +1,508 @@
+"""Replayable torch augmentations for 3D multi-modal patches.
+
+Every transform is registered in :data:`TRANSFORMS` and splits into
+
+- ``sample_params(gen: torch.Generator, shape, cfg: AugConfig) -> frozen dataclass``:
+  all randomness, drawn on the CPU from ``gen`` (a fixed number of draws per
+  call, whatever the outcome, so later transforms do not depend on earlier
+  coin flips); and
+- ``apply(image, label, params) -> (image, label)``: pure and deterministic
+  given the params; runs on whatever device the tensors are on.
+
+``image`` is float ``(C, X, Y, Z)``, ``label`` integer ``(X, Y, Z)`` with
+values in {0,1,2,3}; ``shape`` is the image shape ``(C, X, Y, Z)``. Transforms
+that need a full-size random field (noise) store an integer seed in their params
+and draw the field on the tensor's device inside ``apply``.
+
+Rotation, scaling and elastic deformation are *spatial*: :func:`apply_augment`
+fuses consecutive spatial transforms into one sampling grid (one affine
+matrix about the patch centre plus an optional smooth displacement field) and
+one ``F.grid_sample`` call (image linear, label nearest), so the patch is
+interpolated only once. Points mapped outside the patch read 0 (the z-scored
+background). Flips are exact ``torch.flip``. Distances are in voxels of the
+preprocessed grid (1 mm at the default spacing).
+
+The pipeline order follows nnU-Net: spatial, intensity (bias, noise, blur,
+low resolution, gamma), then mirroring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from menseg.config import AugConfig
+
+Tensor = torch.Tensor
+
+
+class Transform(Protocol):
+    """What a registered augmentation provides."""
+
+    name: str
+    spatial: bool
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> Any: ...
+
+    def apply(self, image: Tensor, label: Tensor | None, params: Any) -> tuple[Tensor, Tensor | None]: ...
+
+
+#: name -> transform, in pipeline order (registration order).
+TRANSFORMS: dict[str, Transform] = {}
+
+
+def register(name: str, spatial: bool = False) -> Callable[[type], type]:
+    """Class decorator: instantiate and add to :data:`TRANSFORMS` under ``name``."""
+
+    def deco(cls: type) -> type:
+        obj = cls()
+        obj.name = name
+        obj.spatial = spatial
+        TRANSFORMS[name] = obj
+        return cls
+
+    return deco
+
+
+# ---------------------------------------------------------------- random draws
+
+
+def _rand(gen: torch.Generator, n: int = 1) -> list[float]:
+    return torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float, n: int = 1) -> list[float]:
+    return [lo + (hi - lo) * u for u in _rand(gen, n)]
+
+
+def _seed(gen: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=gen).item())
+
+
+# ---------------------------------------------------------------- spatial helpers
+
+
+def _base_grid(shape: Sequence[int], device: torch.device) -> Tensor:
+    """Voxel coordinates relative to the patch centre, ``(X, Y, Z, 3)`` float32."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2 for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def _sample_grid(image: Tensor, label: Tensor | None, coords: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Resample at voxel ``coords`` ``(X, Y, Z, 3)`` (centre-relative): image linear, label nearest."""
+    shape = image.shape[1:]
+    half = torch.tensor([(n - 1) / 2 if n > 1 else 1.0 for n in shape], device=coords.device)
+    # grid_sample wants normalised (x=W, y=H, z=D) order, i.e. our axes reversed.
+    grid = (coords / half).flip(-1).unsqueeze(0)
+    out = F.grid_sample(
+        image.unsqueeze(0).float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )[0].to(image.dtype)
+    lab = None
+    if label is not None:
+        lab = F.grid_sample(
+            label[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True
+        )[0, 0].round().to(label.dtype)
+    return out, lab
+
+
+def _rotation_matrix(angles: Sequence[float]) -> Tensor:
+    ax, ay, az = angles
+    cx, sx = math.cos(ax), math.sin(ax)
+    cy, sy = math.cos(ay), math.sin(ay)
+    cz, sz = math.cos(az), math.sin(az)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
+    return rz @ ry @ rx
+
+
+class SpatialTransform:
+    """Base for transforms that act through the sampling grid.
+
+    ``matrix(params)`` maps output voxel offsets (from the centre) to input
+    offsets; ``displacement(params, shape, device)`` adds a per-voxel offset
+    ``(X, Y, Z, 3)`` in voxels (or None).
+    """
+
+    name: str
+    spatial: bool
+
+    def matrix(self, params: Any) -> Tensor:
+        return torch.eye(3, dtype=torch.float64)
+
+    def displacement(self, params: Any, shape: Sequence[int], device: torch.device) -> Tensor | None:
+        return None
+
+    def active(self, params: Any) -> bool:
+        return bool(params.active)
+
+    def apply(self, image: Tensor, label: Tensor | None, params: Any) -> tuple[Tensor, Tensor | None]:
+        return apply_spatial(image, label, [(self, params)])
+
+
+def apply_spatial(
+    image: Tensor, label: Tensor | None, items: Sequence[tuple[SpatialTransform, Any]]
+) -> tuple[Tensor, Tensor | None]:
+    """Apply several spatial transforms with one grid: the first listed acts first on the image.
+
+    Output voxel ``p`` (offset from the centre) reads the input at
+    ``M_1 M_2 ... M_n (p + d(p))`` where ``d`` is the sum of the displacement
+    fields: exact composition when the displacement transforms come last in
+    the list (as in the registered order rotate, scale, elastic).
+    """
+    active = [(t, p) for t, p in items if t.active(p)]
+    if not active:
+        return image, label
+    shape = image.shape[1:]
+    coords = _base_grid(shape, image.device)
+    m = torch.eye(3, dtype=torch.float64)
+    disp = None
+    for t, p in active:
+        m = m @ t.matrix(p)
+        d = t.displacement(p, shape, image.device)
+        if d is not None:
+            disp = d if disp is None else disp + d
+    if disp is not None:
+        coords = coords + disp
+    coords = coords @ m.to(device=image.device, dtype=torch.float32).T
+    return _sample_grid(image, label, coords)
+
+
+# ---------------------------------------------------------------- spatial transforms
+
+
+@dataclass(frozen=True)
+class RotateParams:
+    active: bool
+    angles: tuple[float, float, float]  #: radians about x, y, z
+
+
+@register("rotate", spatial=True)
+class Rotate(SpatialTransform):
+    """Rotation about the patch centre, each axis uniform in ±``cfg.rotate_deg``."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> RotateParams:
+        (u,) = _rand(gen)
+        r = math.radians(cfg.rotate_deg)
+        a = _uniform(gen, -r, r, 3)
+        return RotateParams(u < cfg.p_rotate, (a[0], a[1], a[2]))
+
+    def matrix(self, params: RotateParams) -> Tensor:
+        return _rotation_matrix(params.angles)
+
+
+@dataclass(frozen=True)
+class ScaleParams:
+    active: bool
+    factor: float  #: >1 samples a larger region (content shrinks)
+
+
+@register("scale", spatial=True)
+class Scale(SpatialTransform):
+    """Isotropic scaling about the patch centre, factor uniform in ``cfg.scale_range``."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> ScaleParams:
+        (u,) = _rand(gen)
+        (f,) = _uniform(gen, *cfg.scale_range)
+        return ScaleParams(u < cfg.p_scale, f)
+
+    def matrix(self, params: ScaleParams) -> Tensor:
+        return torch.eye(3, dtype=torch.float64) * params.factor
+
+
+@dataclass(frozen=True)
+class ElasticParams:
+    active: bool
+    grid: int  #: control points per axis
+    offsets: tuple[float, ...]  #: (3, grid, grid, grid) control displacements, voxels, C order
+
+
+@register("elastic", spatial=True)
+class Elastic(SpatialTransform):
+    """Smooth random deformation: Gaussian control-point offsets (sd ``elastic_magnitude_mm``
+    voxels) on a ``elastic_grid``^3 lattice, upsampled with cubic-like trilinear smoothing."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> ElasticParams:
+        (u,) = _rand(gen)
+        g = int(cfg.elastic_grid)
+        off = torch.randn(3 * g**3, generator=gen, dtype=torch.float64) * cfg.elastic_magnitude_mm
+        return ElasticParams(u < cfg.p_elastic, g, tuple(off.tolist()))
+
+    def displacement(self, params: ElasticParams, shape: Sequence[int], device: torch.device) -> Tensor:
+        g = params.grid
+        ctrl = torch.tensor(params.offsets, dtype=torch.float32, device=device).reshape(1, 3, g, g, g)
+        field = F.interpolate(ctrl, size=tuple(shape), mode="trilinear", align_corners=True)
+        return field[0].permute(1, 2, 3, 0)
+
+
+# ---------------------------------------------------------------- intensity transforms
+
+
+@dataclass(frozen=True)
+class BiasParams:
+    active: bool
+    coeffs: tuple[tuple[float, ...], ...]  #: per channel, 10 coefficients of a 2nd order polynomial
+
+
+_POLY_TERMS = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0),
+               (1, 0, 1), (0, 1, 1)]
+
+
+@register("bias")
+class BiasField:
+    """Multiplicative smooth bias field ``exp(poly(x, y, z))`` per channel; coefficients
+    uniform in ±``cfg.bias_strength`` (constant term 0)."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> BiasParams:
+        (u,) = _rand(gen)
+        c = shape[0]
+        vals = _uniform(gen, -cfg.bias_strength, cfg.bias_strength, c * len(_POLY_TERMS))
+        coeffs = tuple(
+            (0.0, *vals[i * len(_POLY_TERMS) + 1 : (i + 1) * len(_POLY_TERMS)]) for i in range(c)
+        )
+        return BiasParams(u < cfg.p_bias, coeffs)
+
+    def apply(self, image: Tensor, label: Tensor | None, params: BiasParams) -> tuple[Tensor, Tensor | None]:
+        if not params.active:
+            return image, label
+        x, y, z = (torch.linspace(-1, 1, n, device=image.device) for n in image.shape[1:])
+        x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
+        fields = []
+        for c in params.coeffs:
+            # Broadcast 1-D axes: far cheaper than materialising every term at full size.
+            terms = [x**a * y**b * z**e for a, b, e in _POLY_TERMS]
+            fields.append(sum(k * t for k, t in zip(c, terms, strict=True)))
+        log_field = torch.stack([f.expand(image.shape[1:]) for f in fields])
+        return image * torch.exp(log_field).to(image.dtype), label
+
+
+@dataclass(frozen=True)
+class NoiseParams:
+    active: bool
+    std: float
+    seed: int  #: seed of the noise field, drawn on the image's device
+
+
+@register("noise")
+class GaussianNoise:
+    """Additive Gaussian noise, sd uniform in ``cfg.noise_std``."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> NoiseParams:
+        (u,) = _rand(gen)
+        (std,) = _uniform(gen, *cfg.noise_std)
+        return NoiseParams(u < cfg.p_noise, std, _seed(gen))
+
+    def apply(self, image: Tensor, label: Tensor | None, params: NoiseParams) -> tuple[Tensor, Tensor | None]:
+        if not params.active or params.std == 0:
+            return image, label
+        g = torch.Generator(device=image.device)
+        g.manual_seed(params.seed)
+        noise = torch.randn(image.shape, generator=g, device=image.device, dtype=torch.float32)
+        return image + (noise * params.std).to(image.dtype), label
+
+
+def _gaussian_kernel1d(sigma: float, device: torch.device) -> Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Separable Gaussian blur of ``(C, X, Y, Z)`` with one sigma (voxels) per channel; replicate border."""
+    out = []
+    for c, s in enumerate(sigmas):
+        v = image[c : c + 1].unsqueeze(0).float()  # (1, 1, X, Y, Z)
+        if s > 0:
+            k = _gaussian_kernel1d(s, image.device)
+            r = (len(k) - 1) // 2
+            for ax in range(3):
+                shape = [1, 1, 1, 1, 1]
+                shape[2 + ax] = len(k)
+                pad = [0, 0, 0, 0, 0, 0]
+                pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
+                v = F.conv3d(F.pad(v, pad, mode="replicate"), k.reshape(shape))
+        out.append(v[0, 0])
+    return torch.stack(out).to(image.dtype)
+
+
+@dataclass(frozen=True)
+class BlurParams:
+    active: bool
+    sigmas: tuple[float, ...]  #: per channel, voxels
+
+
+@register("blur")
+class Blur:
+    """Gaussian blur, sigma per channel uniform in ``cfg.blur_sigma`` voxels."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> BlurParams:
+        (u,) = _rand(gen)
+        return BlurParams(u < cfg.p_blur, tuple(_uniform(gen, *cfg.blur_sigma, shape[0])))
+
+    def apply(self, image: Tensor, label: Tensor | None, params: BlurParams) -> tuple[Tensor, Tensor | None]:
+        if not params.active:
+            return image, label
+        return gaussian_blur(image, params.sigmas), label
+
+
+@dataclass(frozen=True)
+class LowResParams:
+    active: bool
+    zoom: float  #: downsampling factor (<1)
+
+
+@register("lowres")
+class LowResolution:
+    """Simulate low resolution: nearest downsampling by ``zoom`` then trilinear upsampling."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> LowResParams:
+        (u,) = _rand(gen)
+        (z,) = _uniform(gen, *cfg.lowres_zoom)
+        return LowResParams(u < cfg.p_lowres, z)
+
+    def apply(
+        self, image: Tensor, label: Tensor | None, params: LowResParams
+    ) -> tuple[Tensor, Tensor | None]:
+        if not params.active:
+            return image, label
+        shape = tuple(image.shape[1:])
+        small = tuple(max(1, round(n * params.zoom)) for n in shape)
+        if small == shape:
+            return image, label
+        v = F.interpolate(image.unsqueeze(0).float(), size=small, mode="nearest")
+        v = F.interpolate(v, size=shape, mode="trilinear", align_corners=False)
+        return v[0].to(image.dtype), label
+
+
+@dataclass(frozen=True)
+class GammaParams:
+    active: bool
+    gammas: tuple[float, ...]  #: per channel
+    invert: bool  #: apply to the inverted image (as nnU-Net's inverted gamma)
+
+
+@register("gamma")
+class Gamma:
+    """Gamma on each channel rescaled to [0, 1] and back (range preserved). Half the
+    draws take gamma < 1 from ``[lo, 1)``, half > 1 from ``[1, hi]`` (nnU-Net)."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> GammaParams:
+        u, inv = _rand(gen, 2)
+        lo, hi = cfg.gamma_range
+        gammas = []
+        for side, t in zip(_rand(gen, shape[0]), _rand(gen, shape[0]), strict=True):
+            if side < 0.5 and lo < 1.0:
+                gammas.append(lo + (min(1.0, hi) - lo) * t)
+            else:
+                a = max(1.0, lo)
+                gammas.append(a + (max(hi, a) - a) * t)
+        return GammaParams(u < cfg.p_gamma, tuple(gammas), inv < 0.15)
+
+    def apply(self, image: Tensor, label: Tensor | None, params: GammaParams) -> tuple[Tensor, Tensor | None]:
+        if not params.active:
+            return image, label
+        out = []
+        for c, g in enumerate(params.gammas):
+            v = -image[c] if params.invert else image[c]
+            lo, hi = v.min(), v.max()
+            rng = (hi - lo).clamp_min(1e-7)
+            w = ((v - lo) / rng).clamp(0, 1) ** g * rng + lo
+            out.append(-w if params.invert else w)
+        return torch.stack(out).to(image.dtype), label
+
+
+@dataclass(frozen=True)
+class FlipParams:
+    axes: tuple[bool, bool, bool]  #: flip X, Y, Z
+
+    @property
+    def active(self) -> bool:
+        return any(self.axes)
+
+
+@register("flip")
+class Flip:
+    """Mirror each spatial axis with probability ``cfg.p_flip`` (exact, no interpolation)."""
+
+    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> FlipParams:
+        u = _rand(gen, 3)
+        return FlipParams((u[0] < cfg.p_flip, u[1] < cfg.p_flip, u[2] < cfg.p_flip))
+
+    def apply(self, image: Tensor, label: Tensor | None, params: FlipParams) -> tuple[Tensor, Tensor | None]:
+        dims = [ax for ax in range(3) if params.axes[ax]]
+        if not dims:
+            return image, label
+        image = torch.flip(image, [d + 1 for d in dims])
+        if label is not None:
+            label = torch.flip(label, dims)
+        return image, label
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """Parameters of the whole pipeline for one sample: ``((name, params), ...)`` in order."""
+
+    items: tuple[tuple[str, Any], ...]
+
+
+def sample_augment(
+    gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, names: Sequence[str] | None = None
+) -> AugParams:
+    """Draw parameters of every registered transform (or ``names``), in pipeline order."""
+    chosen = [n for n in TRANSFORMS if names is None or n in names]
+    return AugParams(tuple((n, TRANSFORMS[n].sample_params(gen, tuple(shape), cfg)) for n in chosen))
+
+
+def apply_augment(image: Tensor, label: Tensor | None, params: AugParams) -> tuple[Tensor, Tensor | None]:
+    """Apply a sampled pipeline to one sample (``(C, X, Y, Z)``, ``(X, Y, Z)``).
+
+    Consecutive spatial transforms share one resampling.
+    """
+    pending: list[tuple[SpatialTransform, Any]] = []
+    for name, p in params.items:
+        t = TRANSFORMS[name]
+        if t.spatial:
+            pending.append((t, p))  # type: ignore[arg-type]
+            continue
+        if pending:
+            image, label = apply_spatial(image, label, pending)
+            pending = []
+        image, label = t.apply(image, label, p)
+    if pending:
+        image, label = apply_spatial(image, label, pending)
+    return image, label
+
+
+def augment_batch(
+    images: Tensor, labels: Tensor, cfg: AugConfig, seeds: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Augment a batch ``(B, C, X, Y, Z)``, ``(B, X, Y, Z)``; sample ``b`` uses ``seeds[b]``."""
+    outs_i, outs_l = [], []
+    for b in range(images.shape[0]):
+        gen = torch.Generator().manual_seed(int(seeds[b]))
+        p = sample_augment(gen, images.shape[1:], cfg)
+        i, lab = apply_augment(images[b], labels[b], p)
+        outs_i.append(i)
+        outs_l.append(lab)
+    return torch.stack(outs_i), torch.stack(outs_l)
+
+
+__all__ = [
+    "TRANSFORMS",
+    "AugParams",
+    "apply_augment",
+    "apply_spatial",
+    "augment_batch",
+    "gaussian_blur",
+    "register",
+    "sample_augment",
+]

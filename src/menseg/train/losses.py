@@ -1,0 +1,102 @@
+"""Region-based Dice + BCE loss with deep supervision (as nnU-Net trains BraTS).
+
+Channels follow :data:`menseg.constants.REGION_NAMES` (ET, TC, WT), each a
+sigmoid output for the nested region of :data:`menseg.constants.REGIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from menseg.constants import REGION_NAMES, REGIONS
+
+Tensor = torch.Tensor
+
+
+def labels_to_regions(label: Tensor) -> Tensor:
+    """Integer labels ``(B, X, Y, Z)`` -> float region targets ``(B, 3, X, Y, Z)`` (ET, TC, WT)."""
+    label = label.long()
+    chans = [torch.zeros_like(label, dtype=torch.bool) for _ in REGION_NAMES]
+    for i, name in enumerate(REGION_NAMES):
+        for v in REGIONS[name]:
+            chans[i] |= label == v
+    return torch.stack(chans, dim=1).float()
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, batch_dice: bool = True, smooth: float = 1e-5) -> Tensor:
+    """``1 - mean soft Dice`` over channels of sigmoid(logits) vs binary ``target``, both ``(B, C, ...)``.
+
+    With ``batch_dice`` the batch is pooled into one volume per channel
+    (nnU-Net's batch Dice), otherwise Dice is averaged over samples too.
+    A channel empty in both prediction and target scores Dice 1.
+    """
+    p = torch.sigmoid(logits.float())
+    axes = (0, *range(2, p.ndim)) if batch_dice else tuple(range(2, p.ndim))
+    tp = (p * target).sum(axes)
+    fp = (p * (1 - target)).sum(axes)
+    fn = ((1 - p) * target).sum(axes)
+    dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8)
+    return 1 - dice.mean()
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """Weights ``1, 1/2, 1/4, ...`` for ``n`` outputs (full resolution first), normalised to sum 1."""
+    w = [0.5**i for i in range(n)]
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def _downsample_label(label: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(label.shape[1:]) == tuple(size):
+        return label
+    return F.interpolate(label[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+class RegionDiceBCELoss(nn.Module):
+    """Dice + BCE-with-logits over the three regions, with deep supervision.
+
+    ``forward(outputs, label)``:
+
+    - ``outputs``: logits ``(B, 3, X, Y, Z)``; or stacked deep-supervision
+      logits ``(B, K, 3, X, Y, Z)`` (MONAI DynUNet, all upsampled to full
+      size); or a sequence of ``(B, 3, x_k, y_k, z_k)`` at decreasing
+      resolution, whose targets are the label downsampled (nearest).
+    - ``label``: integer ``(B, X, Y, Z)`` with values in {0,1,2,3}.
+
+    Returns the weighted scalar loss (fp32); the k-th output's weight is
+    ``2^-k`` normalised to sum 1.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = True) -> None:
+        super().__init__()
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.batch_dice = batch_dice
+
+    def single(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Loss of one output ``(B, 3, ...)`` against region targets of the same shape."""
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return self.dice_weight * soft_dice_loss(logits, target, self.batch_dice) + self.bce_weight * bce
+
+    def forward(self, outputs: Tensor | Sequence[Tensor], label: Tensor) -> Tensor:
+        if isinstance(outputs, Tensor) and outputs.ndim == label.ndim + 2:
+            outputs = list(outputs.unbind(dim=1))
+        elif isinstance(outputs, Tensor):
+            outputs = [outputs]
+        weights = deep_supervision_weights(len(outputs))
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        cache: dict[tuple[int, ...], Tensor] = {}
+        for w, out in zip(weights, outputs, strict=True):
+            size = tuple(out.shape[2:])
+            if size not in cache:
+                cache[size] = labels_to_regions(_downsample_label(label, size))
+            total = total + w * self.single(out, cache[size])
+        return total
+
+
+__all__ = ["RegionDiceBCELoss", "deep_supervision_weights", "labels_to_regions", "soft_dice_loss"]

@@ -1,0 +1,384 @@
+"""The one trainer: region-based DynUNet, Dice + BCE, SGD Nesterov + poly LR.
+
+Run folder (``cfg.out_dir``)::
+
+    config.yaml       resolved config, written at start
+    metrics.jsonl     one JSON object per line: step, loss, lr, time (s), and
+                      val_* metrics on validation steps
+    latest.pt         every ``train.checkpoint_every`` steps and at the end
+    best.pt           best validation mean Dice so far
+    preprocessed/     preprocessing cache (unless ``data.cache_dir`` is set)
+
+Determinism / resume. Everything random in step ``t`` is derived from
+``(train.seed, t)`` alone: the patch choice from
+``numpy.random.default_rng(derive_seed(seed, "batch", t))``, each sample's
+augmentation from ``torch.Generator().manual_seed(derive_seed(seed, "aug", t, b))``
+and the global torch RNG (dropout) is re-seeded from ``(seed, "step", t)``.
+The network is initialised from ``(seed, "init")`` and the LR is a pure
+function of ``t``. So the full training state is just model + optimizer (+ AMP
+scaler), all stored in ``latest.pt``; resuming from it reproduces an
+uninterrupted run bit for bit on CPU (on CUDA, with ``train.deterministic``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from menseg.checkpoint import load_checkpoint, save_checkpoint
+from menseg.config import Config, save_config, to_dict
+from menseg.constants import REGION_NAMES
+from menseg.data.sampling import PatchSampler
+from menseg.errors import MensegError
+from menseg.utils import derive_seed, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+#: Gradient-norm clipping threshold (nnU-Net uses 12).
+GRAD_CLIP = 12.0
+#: Exponent of the poly learning-rate decay (nnU-Net).
+POLY_EXPONENT = 0.9
+#: Config keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {
+    "train.steps", "train.val_every", "train.checkpoint_every", "train.num_workers", "train.device",
+}
+
+
+def poly_lr(base_lr: float, step: int, total: int, exponent: float = POLY_EXPONENT) -> float:
+    """Learning rate at (0-based) ``step`` of ``total``: ``base * (1 - step/total)^exponent``."""
+    return base_lr * (1.0 - min(step, total) / max(total, 1)) ** exponent
+
+
+def split_cases(ids: Sequence[str], val_fraction: float, val_cases: Sequence[str], seed: int) -> tuple[
+    list[str], list[str]
+]:
+    """Split case ids into ``(train, val)`` reproducibly from ``seed``.
+
+    ``val_cases`` (explicit ids) overrides ``val_fraction``; otherwise
+    ``max(1, round(n * val_fraction))`` cases are held out (none when the
+    fraction is 0), chosen by a permutation seeded from ``(seed, "split")``.
+    At least one case is always left for training.
+    """
+    ids = list(ids)
+    if val_cases:
+        unknown = sorted(set(val_cases) - set(ids))
+        if unknown:
+            raise MensegError(f"data.val_cases: no labelled case '{unknown[0]}' in the dataset")
+        val = [i for i in ids if i in set(val_cases)]
+    elif val_fraction > 0:
+        n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
+        perm = np.random.default_rng(derive_seed(seed, "split")).permutation(len(ids))
+        val = sorted(ids[i] for i in perm[:n_val])
+    else:
+        val = []
+    train = [i for i in ids if i not in set(val)]
+    if not train:
+        raise MensegError("no cases left for training after holding out the validation cases")
+    return train, val
+
+
+# ---------------------------------------------------------------- batches
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Dataset indexed by step: item ``t`` is the (un-augmented) batch of step ``t``.
+
+    Returns numpy ``(image (B, C, *patch) f32, label (B, *patch) uint8)``; a pure
+    function of ``(seed, t)``, so worker processes need no seeding.
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, seed: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
+        return self.sampler.batch(rng, self.batch_size)
+
+
+def _iter_batches(
+    ds: StepBatches, start: int, stop: int, num_workers: int, pin: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if num_workers <= 0:
+        for t in range(start, stop):
+            img, lab = ds[t]
+            yield torch.from_numpy(img), torch.from_numpy(lab)
+        return
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, sampler=range(start, stop), num_workers=num_workers, pin_memory=pin,
+        prefetch_factor=2,
+    )
+    yield from loader
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> None:
+    now, then = _flat(to_dict(cfg)), _flat(stored)
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    bad = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if bad:
+        raise MensegError(
+            f"cannot resume: config differs from the run's in {', '.join(bad)} "
+            f"(e.g. {bad[0]}: run has {then.get(bad[0])!r}, now {now.get(bad[0])!r})",
+            path,
+        )
+    for k in changed:
+        log.warning("resuming with %s changed: %r -> %r", k, then.get(k), now.get(k))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (written after the checkpoint by a killed run)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+    write_text_atomic(path, "".join(x + "\n" for x in keep))
+
+
+def _amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    if not (cfg.train.amp and device.type == "cuda"):
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
+    """Preprocessed ``(train_cases, val_cases)`` (PreprocessedCase lists)."""
+    from menseg.data.dataset import preprocess_dataset
+    from menseg.data.layouts import discover_cases
+
+    if not cfg.data.root:
+        raise MensegError("data.root is not set (give the dataset folder, e.g. data=DIR)")
+    cases = [c for c in discover_cases(cfg.data.root) if c.label is not None]
+    if len(cases) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
+        raise MensegError(
+            f"need at least 2 labelled cases (training + validation), found {len(cases)}", cfg.data.root
+        )
+    train_ids, val_ids = split_cases(
+        [c.case_id for c in cases], cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed
+    )
+    log.info("%d training cases, %d validation cases (%s)", len(train_ids), len(val_ids), ", ".join(val_ids))
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
+    pre = preprocess_dataset(cases, cache, cfg.data.spacing)
+    by_id = {p.case_id: p for p in pre}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def validate(
+    model: nn.Module, cases: Sequence[Any], cfg: Config, device: torch.device
+) -> dict[str, float]:
+    """Legacy whole-volume Dice per region on preprocessed validation cases.
+
+    Sliding-window prediction (no mirroring) thresholded at ``infer.threshold``.
+    Returns ``{"val_ET_dice", "val_TC_dice", "val_WT_dice", "val_mean_dice"}``,
+    each the mean over cases.
+    """
+    from menseg.evaluate.metrics import dice, region_masks
+    from menseg.infer.sliding import predict_probs
+
+    scores: dict[str, list[float]] = {r: [] for r in REGION_NAMES}
+    for case in cases:
+        image = torch.from_numpy(np.array(case.image, dtype=np.float32))
+        probs = predict_probs(model, image, cfg.train.patch_size, cfg.infer, device, mirror=False)
+        pred = (probs > cfg.infer.threshold).numpy()
+        ref = region_masks(np.asarray(case.label))
+        for i, r in enumerate(REGION_NAMES):
+            scores[r].append(dice(pred[i], ref[r]))
+    out = {f"val_{r}_dice": float(np.mean(v)) for r, v in scores.items()}
+    out["val_mean_dice"] = float(np.mean([out[f"val_{r}_dice"] for r in REGION_NAMES]))
+    return out
+
+
+# ---------------------------------------------------------------- train
+
+
+def train(cfg: Config, resume: bool = False, *, stop_at: int | None = None, progress: bool = True) -> Path:
+    """Train the segmentation network described by ``cfg``; returns the run folder.
+
+    Args:
+        cfg: the resolved configuration (saved as ``config.yaml``).
+        resume: continue the run in ``cfg.out_dir`` from ``latest.pt``. Without
+            it, a non-empty ``cfg.out_dir`` is refused.
+        stop_at: stop after this many completed steps *without* a final
+            checkpoint, as if the process had been killed (for tests and
+            time-boxed runs); the run can then be resumed.
+        progress: show a progress bar.
+    """
+    from menseg.infer.sliding import resolve_device
+    from menseg.nets import build_network
+    from menseg.train.augment import augment_batch
+    from menseg.train.losses import RegionDiceBCELoss
+
+    tc = cfg.train
+    if tc.steps < 1 or tc.batch_size < 1 or tc.val_every < 1 or tc.checkpoint_every < 1:
+        raise MensegError("train.steps, batch_size, val_every and checkpoint_every must be at least 1")
+    out = Path(cfg.out_dir)
+    latest, best_path = out / "latest.pt", out / "best.pt"
+    metrics_path = out / "metrics.jsonl"
+    state: dict[str, Any] | None = None
+    if resume:
+        if not latest.is_file():
+            raise MensegError("nothing to resume: no latest.pt in the run folder", out)
+        state = load_checkpoint(latest)
+        _check_resume_config(cfg, state.get("config", {}), latest)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MensegError(
+            "run folder is not empty; use --resume to continue it or choose another out_dir", out
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    device = resolve_device(tc.device)
+    if tc.deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_cases, val_cases = _load_data(cfg, out)
+    sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size, tc.fg_oversample)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(tc.seed, "init"))
+        model = build_network(cfg.model, patch_size=tc.patch_size)
+    model.to(device)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
+    )
+    amp_dtype, scaler = _amp_setup(cfg, device)
+    loss_fn = RegionDiceBCELoss()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters on %s%s", cfg.model.name, n_params / 1e6, device,
+             f", autocast {amp_dtype}" if amp_dtype else "")
+
+    start, best_metric, best_step, elapsed = 0, -math.inf, -1, 0.0
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise MensegError(f"checkpoint does not fit this run ({e})", latest) from None
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["step"])
+        best_metric = float(state.get("best_metric") if state.get("best_metric") is not None else -math.inf)
+        best_step = int(state.get("best_step", -1))
+        elapsed = float(state.get("elapsed", 0.0))
+        _truncate_metrics(metrics_path, start)
+        log.info("resuming %s from step %d", out, start)
+    if start >= tc.steps:
+        log.info("run already complete (%d/%d steps)", start, tc.steps)
+        return out
+
+    def make_state(step: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "config": to_dict(cfg),
+            "step": step,
+            "best_metric": best_metric if best_metric > -math.inf else None,
+            "best_step": best_step,
+            "elapsed": elapsed,
+            "train_cases": [c.case_id for c in train_cases],
+            "val_cases": [c.case_id for c in val_cases],
+        }
+
+    ds = StepBatches(sampler, tc.batch_size, tc.seed)
+    end = tc.steps if stop_at is None else min(tc.steps, stop_at)
+    batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress)
+    t0 = time.perf_counter() - elapsed
+    model.train()
+    with open(metrics_path, "a") as mf:
+        for step, (img, lab) in zip(range(start, end), batches, strict=True):
+            torch.manual_seed(derive_seed(tc.seed, "step", step))  # dropout etc.
+            img = img.to(device, non_blocking=True)
+            lab = lab.to(device, non_blocking=True)
+            seeds = [derive_seed(tc.seed, "aug", step, b) for b in range(img.shape[0])]
+            img, lab = augment_batch(img, lab, cfg.aug, seeds)
+            lr = poly_lr(tc.lr, step, tc.steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                outputs = model(img)
+            loss = loss_fn(outputs, lab)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                opt.step()
+            done = step + 1
+            loss_v = float(loss.detach())
+            if not math.isfinite(loss_v):
+                raise MensegError(f"training diverged at step {done} (loss {loss_v}); try a lower train.lr")
+            rec: dict[str, Any] = {"step": done, "loss": loss_v, "lr": lr}
+            if val_cases and (done % tc.val_every == 0 or done == tc.steps):
+                rec.update(validate(model, val_cases, cfg, device))
+                model.train()
+                if rec["val_mean_dice"] > best_metric:
+                    best_metric, best_step = rec["val_mean_dice"], done
+                    save_checkpoint(best_path, make_state(done))
+                    log.info("step %d: new best val mean Dice %.4f", done, best_metric)
+            elapsed = time.perf_counter() - t0
+            rec["time"] = round(elapsed, 3)  # wall seconds since the run started, resumes included
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                save_checkpoint(latest, make_state(done))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", **({"val": f"{rec['val_mean_dice']:.3f}"}
+                                                       if "val_mean_dice" in rec else {}))
+    bar.close()
+    if end == tc.steps:
+        log.info("finished %d steps in %.1f s; best val mean Dice %s at step %d; run folder %s",
+                 tc.steps, elapsed, f"{best_metric:.4f}" if best_metric > -math.inf else "n/a",
+                 best_step, out)
+    return out
+
+
+__all__ = ["StepBatches", "poly_lr", "split_cases", "train", "validate"]

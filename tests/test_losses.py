@@ -1,0 +1,77 @@
+"""Region Dice + BCE loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from menseg.train.losses import (
+    RegionDiceBCELoss,
+    deep_supervision_weights,
+    labels_to_regions,
+    soft_dice_loss,
+)
+
+
+def _label() -> torch.Tensor:
+    lab = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
+    lab[0, 1:5, 1:5, 1:5] = 2
+    lab[0, 2:4, 2:4, 2:4] = 3
+    lab[0, 2, 2, 2] = 1
+    lab[1, 4:8, 4:8, 0:3] = 1
+    return lab
+
+
+def test_labels_to_regions_nested() -> None:
+    r = labels_to_regions(_label())
+    assert r.shape == (2, 3, 8, 8, 8)
+    et, tc, wt = r[:, 0], r[:, 1], r[:, 2]
+    assert (et <= tc).all() and (tc <= wt).all()
+    lab = _label()
+    assert torch.equal(et.bool(), lab == 3)
+    assert torch.equal(tc.bool(), (lab == 1) | (lab == 3))
+    assert torch.equal(wt.bool(), lab > 0)
+
+
+def test_perfect_logits_near_zero_and_wrong_high() -> None:
+    target = labels_to_regions(_label())
+    perfect = (target * 2 - 1) * 30
+    assert soft_dice_loss(perfect, target).item() < 1e-6
+    loss = RegionDiceBCELoss()
+    assert loss(perfect, _label()).item() < 1e-6
+    assert loss(-perfect, _label()).item() > 1.0
+    # Sample-wise Dice: sample 1 has no ET, a perfect prediction still scores ~0.
+    assert soft_dice_loss(perfect, target, batch_dice=False).item() < 1e-6
+
+
+def test_dice_value_hand_computed() -> None:
+    target = torch.zeros(1, 1, 4)
+    target[0, 0, :2] = 1
+    logits = torch.full((1, 1, 4), -50.0)
+    logits[0, 0, 1:3] = 50.0  # tp=1, fp=1, fn=1 -> dice 0.5
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.5, abs=1e-4)
+
+
+def test_deep_supervision_weights() -> None:
+    w = deep_supervision_weights(3)
+    assert w == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_deep_supervision_stacked_and_list() -> None:
+    lab = _label()
+    target = labels_to_regions(lab)
+    perfect = (target * 2 - 1) * 30
+    loss = RegionDiceBCELoss()
+    # Stacked like DynUNet (B, K, C, X, Y, Z): one perfect head + one bad head.
+    stacked = torch.stack([perfect, -perfect], dim=1)
+    bad_only = loss(-perfect, lab).item()
+    assert loss(stacked, lab).item() == pytest.approx(bad_only / 3, rel=1e-4)
+    # Multi-resolution list: low-res heads get nearest-downsampled targets.
+    low = torch.nn.functional.interpolate(perfect, size=(4, 4, 4), mode="nearest")
+    val = loss([perfect, low], lab)
+    assert val.ndim == 0 and val.item() < 1e-5
+    # Gradients flow to every head.
+    heads = [perfect.clone().requires_grad_(), torch.zeros(2, 3, 4, 4, 4, requires_grad=True)]
+    loss(heads, lab).backward()
+    assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in heads)
