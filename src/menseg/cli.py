@@ -109,20 +109,25 @@ def train_cmd(
 @app.command("predict")
 def predict_cmd(
     model: Annotated[Path, typer.Argument(help="Checkpoint (best.pt) or run folder.")],
-    input: Annotated[Path, typer.Argument(help="A case folder, a dataset folder or one t1c file.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="A case folder, a dataset folder, or the four image files of one case."),
+    ],
     output: Annotated[Path, typer.Argument(help="Output folder (or a .nii.gz path for one case).")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mirror: Annotated[
-        bool | None, typer.Option("--mirror/--no-mirror", help="Test-time mirroring (8 flips).")
+        bool | None,
+        typer.Option("--mirror/--no-mirror", help="Test-time mirroring (8 flips); default from the model."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files (never inputs).")] = False,
 ) -> None:
-    """Predict BraTS-MEN labels, written in each input's own space."""
+    """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation)."""
     from menseg.infer.predict import predict
 
     if model.is_dir():
         model = model / "best.pt"
-    written = predict(model, input, output, device=device, mirror=mirror, overwrite=overwrite)
+    source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
+    written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite)
     for p in written:
         typer.echo(str(p))
 

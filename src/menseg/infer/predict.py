@@ -1,0 +1,187 @@
+"""``menseg predict MODEL INPUT OUTPUT``: label maps in each input's own space.
+
+For every case: read and validate the four modalities, preprocess them exactly
+as the model's training data (reorient to RAS+, crop to the brain, resample to
+the stored ``data.spacing``, z-score), predict region probabilities by
+sliding-window inference (optionally mirrored), map the probabilities back onto
+the input grid (trilinear, exact inverse geometry), threshold them into a
+BraTS-MEN label map, remove tiny components, and write ``<case_id>.nii.gz``
+(uint8) with the t1c file's affine and header, so shape, affine and
+orientation equal the input's. Inputs are never written to; existing outputs
+are refused unless ``overwrite``. All outputs are checked before any work is
+done, so a refused run writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from menseg.checkpoint import load_model
+from menseg.config import Config
+from menseg.data.io import nifti_ending, write_label
+from menseg.data.layouts import CaseFiles, discover_inputs
+from menseg.data.preprocess import invert, load_case, preprocess
+from menseg.data.validate import orientation_of, spacing_of
+from menseg.errors import MensegError
+from menseg.infer.postprocess import regions_to_labels, remove_small_components
+from menseg.infer.sliding import predict_probs, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: Ending of written label files.
+LABEL_ENDING = ".nii.gz"
+
+InputSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def output_paths(cases: Sequence[CaseFiles], output: str | Path) -> list[Path]:
+    """Where each case's label goes.
+
+    ``output`` ending in ``.nii.gz`` / ``.nii`` is a file path (only for one case);
+    anything else is a folder receiving ``<case_id>.nii.gz`` per case.
+    """
+    out = Path(output)
+    if nifti_ending(out):
+        if len(cases) != 1:
+            raise MensegError(
+                f"output is a single file but the input holds {len(cases)} cases; "
+                "give a folder instead",
+                out,
+            )
+        if out.is_dir():
+            raise MensegError("output file name is an existing folder", out)
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise MensegError("output must be a folder (or a .nii.gz path for one case)", out)
+    paths = [out / f"{c.case_id}{LABEL_ENDING}" for c in cases]
+    seen: dict[Path, str] = {}
+    for c, p in zip(cases, paths, strict=True):
+        if p in seen:
+            raise MensegError(f"two input cases share the id '{c.case_id}'; outputs would collide", p)
+        seen[p] = c.case_id
+    return paths
+
+
+def check_outputs(
+    cases: Sequence[CaseFiles], outputs: Sequence[Path], protected: Sequence[Path], overwrite: bool
+) -> None:
+    """Refuse outputs that are input files (always) or that exist (unless ``overwrite``)."""
+    inputs = [p for c in cases for p in c.files] + list(protected)
+    for out in outputs:
+        for inp in inputs:
+            if _same_file(out, inp):
+                raise MensegError(f"refusing to write onto input file {inp}", out)
+        if out.exists() and not overwrite:
+            raise MensegError("output exists (use --overwrite to replace it)", out)
+
+
+def predict_case(
+    model: torch.nn.Module,
+    cfg: Config,
+    case: CaseFiles,
+    device: torch.device,
+    mirror: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predict one case; returns ``(label (X, Y, Z) uint8, affine 4x4)`` in the input's grid.
+
+    The grid is the t1c file's (shape and voxel order as read); ``cfg`` supplies the
+    training spacing (``data.spacing``), patch (``train.patch_size``) and inference
+    settings (``infer``).
+    """
+    # The label (if the case has one) is not needed to predict: don't read it.
+    image, _, affine = load_case(dataclasses.replace(case, label=None))
+    image_pp, _, props = preprocess(image, None, affine, cfg.data.spacing)
+    del image
+    probs_pp = predict_probs(
+        model, torch.from_numpy(image_pp), cfg.train.patch_size, cfg.infer, device, mirror=mirror
+    )
+    probs = invert(probs_pp.numpy(), props, order=1)  # (3, X, Y, Z) on the input grid
+    del probs_pp, image_pp
+    label = regions_to_labels(probs, cfg.infer.threshold)
+    label = remove_small_components(label, spacing_of(affine), cfg.infer.min_component_mm3)
+    return label, affine
+
+
+def predict(
+    model_path: str | Path,
+    input: InputSpec,
+    output: str | Path,
+    device: str = "auto",
+    mirror: bool | None = None,
+    overwrite: bool = False,
+    *,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict label maps for one case or a folder of cases.
+
+    Args:
+        model_path: checkpoint file (``best.pt``) or a run folder holding ``best.pt``.
+        input: a dataset folder (BraTS or nnU-Net layout), one BraTS case folder, a flat
+            folder of nnU-Net channel files, or a list of four image files
+            (see :func:`menseg.data.layouts.discover_inputs`).
+        output: folder receiving ``<case_id>.nii.gz`` per case, or, for one case,
+            a file path ending ``.nii.gz``.
+        device: ``auto`` | ``cpu`` | ``cuda`` (``cuda`` without CUDA is a MensegError).
+        mirror: test-time mirroring; None uses the model's stored ``infer.mirror``.
+        overwrite: replace existing output files (input files are never replaced).
+        progress: show a progress bar over cases.
+
+    Returns:
+        Paths written, in case order. Each label is uint8 ``(X, Y, Z)`` with the same
+        shape, affine and orientation as the case's t1c file.
+    """
+    dev = resolve_device(device)
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "best.pt"
+    cases = discover_inputs(input)
+    if not cases:
+        where = input if isinstance(input, str | os.PathLike) else None
+        raise MensegError("no cases found to predict", where)
+    outputs = output_paths(cases, output)
+    check_outputs(cases, outputs, [model_path], overwrite)
+
+    model, cfg = load_model(model_path, dev)
+    use_mirror = cfg.infer.mirror if mirror is None else mirror
+    log.info(
+        "predicting %d case(s) with %s on %s (spacing %s mm, patch %s, mirror %s, %s)",
+        len(cases), model_path, dev, tuple(cfg.data.spacing), tuple(cfg.train.patch_size),
+        use_mirror, cfg.infer.precision,
+    )
+    written: list[Path] = []
+    bar = tqdm(
+        list(zip(cases, outputs, strict=True)), desc="predict", unit="case", disable=not progress
+    )
+    for case, out in bar:
+        bar.set_postfix_str(case.case_id)
+        label, affine = predict_case(model, cfg, case, dev, mirror=use_mirror)
+        like = nib.load(str(case.images["t1c"]))
+        write_label(out, label, affine, like=like)
+        log.info(
+            "%s -> %s (%s, %s, %s mm)",
+            case.case_id, out, "x".join(map(str, label.shape)), orientation_of(affine),
+            "x".join(f"{s:g}" for s in spacing_of(affine)),
+        )
+        written.append(out)
+    return written
+
+
+__all__ = ["LABEL_ENDING", "check_outputs", "output_paths", "predict", "predict_case"]
