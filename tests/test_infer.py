@@ -65,7 +65,7 @@ def test_pointwise_model_gives_exact_sigmoid_whatever_the_tiling(shape: tuple[in
     volumes than the patch are padded and cropped back."""
     net = PointwiseNet()
     img = _image(shape)
-    probs = predict_probs(net, img, (16, 16, 16), InferConfig(overlap=0.5), "cpu")
+    probs = predict_probs(net, img, (16, 16, 16), InferConfig(overlap=0.5, precision="fp32"), "cpu")
     assert probs.shape == (3, *shape)
     assert probs.dtype == torch.float32
     assert not probs.is_inference(), "callers must be able to modify the result in place"
@@ -78,8 +78,8 @@ def test_mirroring_averages_the_eight_flipped_predictions() -> None:
     patch = (8, 10, 12)
     net = PositionNet(patch)
     img = _image(patch)
-    plain = predict_probs(net, img, patch, InferConfig(mirror=False), "cpu")
-    mirrored = predict_probs(net, img, patch, InferConfig(mirror=True), "cpu")
+    plain = predict_probs(net, img, patch, InferConfig(mirror=False, precision="fp32"), "cpu")
+    mirrored = predict_probs(net, img, patch, InferConfig(mirror=True, precision="fp32"), "cpu")
     p = torch.sigmoid(net.bias.detach())
     expected_plain = p[0]
     expected_mirror = torch.stack([torch.flip(p, a) if a else p for a in MIRROR_AXES]).mean(0)[0]
@@ -92,7 +92,8 @@ def test_mirroring_averages_the_eight_flipped_predictions() -> None:
     assert not torch.allclose(torch.flip(plain, (1,)), plain, atol=1e-3)
     # The explicit argument overrides the config.
     torch.testing.assert_close(
-        predict_probs(net, img, patch, InferConfig(mirror=False), "cpu", mirror=True), mirrored
+        predict_probs(net, img, patch, InferConfig(mirror=False, precision="fp32"), "cpu", mirror=True),
+        mirrored,
     )
 
 
@@ -104,7 +105,7 @@ def test_dynunet_small_volume_bf16_and_mode_restored() -> None:
     net = build_network(ModelConfig(filters=(8, 16, 32, 64), deep_supr_num=1), patch_size=patch)
     net.train()
     img = _image((20, 36, 16))  # smaller than the patch on two axes, larger on one
-    probs = predict_probs(net, img, patch, InferConfig(overlap=0.25), "cpu")
+    probs = predict_probs(net, img, patch, InferConfig(overlap=0.25, precision="fp32"), "cpu")
     assert probs.shape == (3, 20, 36, 16)
     assert float(probs.min()) >= 0.0 and float(probs.max()) <= 1.0
     assert net.training, "predict_probs must restore the model's training mode"
@@ -208,3 +209,17 @@ def test_remove_small_components_inner_regions_demoted() -> None:
     # per-region minimum as an (ET, TC, WT) sequence: only ET is cleaned
     out2 = remove_small_components(label, (1, 1, 1), (2.0, 0.0, 0.0))
     assert out2[3, 3, 3] == 1 and out2[7, 7, 7] == 1
+
+
+def test_resolve_precision_auto_and_errors():
+    import torch
+
+    from menseg.errors import MensegError
+    from menseg.infer.sliding import bf16_is_fast, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "fp32") == "fp32"
+    assert resolve_precision(cpu, "bf16") == "bf16"
+    assert resolve_precision(cpu, "auto") == ("bf16" if bf16_is_fast(cpu) else "fp32")
+    with pytest.raises(MensegError, match="unknown infer.precision"):
+        resolve_precision(cpu, "fp8")

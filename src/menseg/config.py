@@ -97,7 +97,9 @@ class InferConfig:
     sw_batch_size: int = 1
     min_component_mm3: float = 10.0  #: predicted components smaller than this are removed
     threshold: float = 0.5
-    precision: str = "fp32"  #: fp32 | bf16
+    #: fp32 | bf16 | auto (bf16 where the device runs it natively: CUDA, CPUs with AVX512-BF16/AMX;
+    #: measured 2-3x faster than fp32 on such a CPU with the same Dice on the demo, see CHANGELOG)
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)

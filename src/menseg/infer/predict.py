@@ -33,7 +33,7 @@ from menseg.data.preprocess import invert, load_case, preprocess
 from menseg.data.validate import orientation_of, spacing_of
 from menseg.errors import MensegError
 from menseg.infer.postprocess import regions_to_labels, remove_small_components
-from menseg.infer.sliding import predict_probs, resolve_device
+from menseg.infer.sliding import PRECISIONS, predict_probs, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ def predict(
     mirror: bool | None = None,
     overwrite: bool = False,
     *,
+    overlap: float | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Predict label maps for one case or a folder of cases.
@@ -142,6 +144,8 @@ def predict(
         device: ``auto`` | ``cpu`` | ``cuda`` (``cuda`` without CUDA is a MensegError).
         mirror: test-time mirroring; None uses the model's stored ``infer.mirror``.
         overwrite: replace existing output files (input files are never replaced).
+        overlap: sliding-window overlap in [0, 1); None uses the model's ``infer.overlap``.
+        precision: ``fp32`` | ``bf16``; None uses the model's ``infer.precision``.
         progress: show a progress bar over cases.
 
     Returns:
@@ -149,6 +153,10 @@ def predict(
         shape, affine and orientation as the case's t1c file.
     """
     dev = resolve_device(device)
+    if overlap is not None and not 0.0 <= overlap < 1.0:
+        raise MensegError(f"overlap must be in [0, 1), got {overlap}")
+    if precision is not None and precision not in PRECISIONS:
+        raise MensegError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     model_path = Path(model_path)
     if model_path.is_dir():
         model_path = model_path / "best.pt"
@@ -160,11 +168,14 @@ def predict(
     check_outputs(cases, outputs, [model_path], overwrite)
 
     model, cfg = load_model(model_path, dev)
+    infer_changes = {k: v for k, v in (("overlap", overlap), ("precision", precision)) if v is not None}
+    if infer_changes:
+        cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **infer_changes))
     use_mirror = cfg.infer.mirror if mirror is None else mirror
     log.info(
         "predicting %d case(s) with %s on %s (spacing %s mm, patch %s, mirror %s, %s)",
         len(cases), model_path, dev, tuple(cfg.data.spacing), tuple(cfg.train.patch_size),
-        use_mirror, cfg.infer.precision,
+        use_mirror, resolve_precision(dev, cfg.infer.precision),
     )
     written: list[Path] = []
     bar = tqdm(

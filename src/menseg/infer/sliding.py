@@ -29,7 +29,7 @@ MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
     axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)
 )
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -53,11 +53,33 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise MensegError(f"unknown device '{device}' (use auto, cpu or cuda)")
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` in bfloat16 for ``precision="bf16"`` (CPU or CUDA), else a no-op."""
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 runs natively on ``device`` (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` -> ``bf16`` where it is native on ``device``, else ``fp32``; others unchanged."""
     if precision not in PRECISIONS:
         raise MensegError(f"unknown infer.precision '{precision}' (known: {', '.join(PRECISIONS)})")
-    if precision == "bf16":
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in bfloat16 for ``precision="bf16"`` (CPU or CUDA), else a no-op.
+
+    ``auto`` is resolved with :func:`resolve_precision`.
+    """
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -176,4 +198,7 @@ def predict_probs(
     return torch.clamp(probs, 0.0, 1.0)
 
 
-__all__ = ["MIRROR_AXES", "PRECISIONS", "autocast_context", "predict_probs", "resolve_device"]
+__all__ = [
+    "MIRROR_AXES", "PRECISIONS", "autocast_context", "bf16_is_fast", "predict_probs", "resolve_device",
+    "resolve_precision",
+]
