@@ -10,7 +10,7 @@ PKG = Path(menseg.__file__).parent
 RANK = {
     "constants": 0, "errors": 0, "utils": 0, "config": 0,
     "data": 1,
-    "evaluate": 2,
+    "synth": 2, "evaluate": 2,
     "nets": 3, "checkpoint": 3,
     "infer": 4,
     "train": 5,

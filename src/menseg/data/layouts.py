@@ -1,8 +1,17 @@
-"""Dataset layouts: BraTS folder layout and nnU-Net v2 raw layout.
+"""Dataset layouts: BraTS folder layout, nnU-Net v2 raw layout, longitudinal layout.
 
 BraTS (2023+)::
 
     root/<case>/<case>-t1c.nii.gz, -t1n, -t2f, -t2w [, -seg]
+
+Longitudinal (BraTS case folders grouped by patient; BraTS ids end with a
+3-digit time point)::
+
+    root/<patient>/timepoints.json         {"<patient>-000": {"day": 0}, "<patient>-001": {"day": 182}}
+    root/<patient>/<patient>-000/<patient>-000-t1c.nii.gz ...
+
+(``{"date": "YYYY-MM-DD"}`` is accepted instead of ``"day"``: days then count
+from the patient's first date.)
 
 nnU-Net v2 raw::
 
@@ -34,7 +43,10 @@ from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
 
-Layout = Literal["brats", "nnunet"]
+Layout = Literal["brats", "nnunet", "longitudinal"]
+
+#: Per-patient file of the longitudinal layout: ``{case_id: {"day": int}}``.
+TIMEPOINTS_JSON = "timepoints.json"
 
 _BRATS_RE = re.compile(rf"^(?P<id>.+)-(?P<key>{'|'.join((*MODALITIES, SEG_SUFFIX))})$")
 _NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
@@ -73,8 +85,16 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _is_longitudinal(root: Path) -> bool:
+    """``root/<patient>/timepoints.json`` exists for some patient folder (or ``root`` is one)."""
+    return (root / TIMEPOINTS_JSON).is_file() or any(
+        (sub / TIMEPOINTS_JSON).is_file() for sub in _subdirs(root)
+    )
+
+
 def detect_layout(root: str | Path) -> Layout:
-    """Return ``"nnunet"`` (imagesTr/ or dataset.json present) or ``"brats"`` (case folders)."""
+    """Return ``"nnunet"`` (imagesTr/ or dataset.json present), ``"longitudinal"`` (patient
+    folders with ``timepoints.json``) or ``"brats"`` (case folders)."""
     root = Path(root)
     if not root.exists():
         raise MensegError("dataset folder not found", root)
@@ -84,6 +104,8 @@ def detect_layout(root: str | Path) -> Layout:
         return "nnunet"
     if (root / "imagesTs").is_dir():
         return "nnunet"
+    if _is_longitudinal(root):
+        return "longitudinal"
     for sub in [root, *_subdirs(root)]:  # the root itself may be a single case folder
         if any(_BRATS_RE.match(nifti_stem(p)) for p in _niftis(sub)):
             return "brats"
@@ -212,7 +234,9 @@ def _discover_nnunet(root: Path) -> list[CaseFiles]:
 
 
 def discover_cases(root: str | Path) -> list[CaseFiles]:
-    """All cases of a dataset folder (BraTS or nnU-Net layout), sorted by case id.
+    """All cases of a dataset folder (BraTS, nnU-Net or longitudinal layout), sorted by case id.
+
+    For the longitudinal layout every visit of every patient is one case.
 
     Raises MensegError for: no dataset, missing modality, duplicate case ids,
     labels without images.
@@ -221,6 +245,11 @@ def discover_cases(root: str | Path) -> list[CaseFiles]:
     layout = detect_layout(root)
     if layout == "nnunet":
         cases = _discover_nnunet(root)
+    elif layout == "longitudinal":
+        cases = sorted(
+            (case for visits in discover_series(root).values() for case, _ in visits),
+            key=lambda c: c.case_id,
+        )
     else:
         by_id: dict[str, CaseFiles] = {}
         own = [p for p in _niftis(root) if _BRATS_RE.match(nifti_stem(p))]
@@ -239,6 +268,112 @@ def discover_cases(root: str | Path) -> list[CaseFiles]:
     if not cases:
         raise MensegError("dataset holds no cases", root)
     return cases
+
+
+def _read_timepoints(path: Path) -> dict[str, int]:
+    """``{case_id: day}`` from a patient's timepoints.json (``day`` int, or ``date`` ISO)."""
+    import datetime as dt
+
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MensegError(f"unreadable {TIMEPOINTS_JSON} ({e})", path) from None
+    if not isinstance(meta, dict) or not meta:
+        raise MensegError(
+            f'{TIMEPOINTS_JSON} must be an object {{"<case id>": {{"day": <int>}}, ...}}', path
+        )
+    days: dict[str, int] = {}
+    dates: dict[str, dt.date] = {}
+    for cid, entry in meta.items():
+        if not isinstance(entry, dict) or ("day" not in entry and "date" not in entry):
+            raise MensegError(f"time point of case '{cid}' needs a 'day' (or 'date')", path)
+        if "day" in entry:
+            day = entry["day"]
+            if isinstance(day, bool) or not isinstance(day, int | float) or day != int(day):
+                raise MensegError(f"day of case '{cid}' must be an integer, got {day!r}", path)
+            days[cid] = int(day)
+        else:
+            try:
+                dates[cid] = dt.date.fromisoformat(str(entry["date"]))
+            except ValueError:
+                raise MensegError(
+                    f"date of case '{cid}' must be YYYY-MM-DD, got {entry['date']!r}", path
+                ) from None
+    if days and dates:
+        raise MensegError("mix of 'day' and 'date' time points; use one kind per patient", path)
+    if dates:
+        first = min(dates.values())
+        days = {cid: (d - first).days for cid, d in dates.items()}
+    return days
+
+
+def _patient_series(folder: Path) -> list[tuple[CaseFiles, int]]:
+    """Visits of one patient folder, sorted by day then case id."""
+    tp = folder / TIMEPOINTS_JSON
+    if not tp.is_file():
+        raise MensegError(f"patient folder without {TIMEPOINTS_JSON}", tp)
+    days = _read_timepoints(tp)
+    visits: dict[str, CaseFiles] = {}
+    for sub in _subdirs(folder):
+        case = _brats_case(sub)
+        if case is None:
+            log.debug("skipping %s: no NIfTI files", sub)
+            continue
+        if case.case_id in visits:
+            raise MensegError(f"duplicate case id '{case.case_id}'", sub)
+        if case.case_id not in days:
+            raise MensegError(f"case '{case.case_id}' has no time point in {TIMEPOINTS_JSON}", sub)
+        visits[case.case_id] = case
+    missing = sorted(set(days) - set(visits))
+    if missing:
+        raise MensegError(
+            f"{TIMEPOINTS_JSON} lists case(s) without a case folder: {', '.join(missing)}", tp
+        )
+    return sorted(((c, days[c.case_id]) for c in visits.values()), key=lambda v: (v[1], v[0].case_id))
+
+
+def discover_series(root: str | Path) -> dict[str, list[tuple[CaseFiles, int]]]:
+    """Patients of a longitudinal dataset: ``{patient: [(case, day), ...]}`` sorted by day.
+
+    ``root`` holds patient folders (``root/<patient>/timepoints.json`` plus one
+    BraTS case folder per visit), or is itself one patient folder. Days are
+    offsets in days (int). Patients are sorted by name. Raises MensegError for a
+    patient folder without timepoints.json, a case missing from it or an entry
+    without a case folder, duplicate case ids.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MensegError("dataset folder not found" if not root.exists() else "not a folder", root)
+    if (root / TIMEPOINTS_JSON).is_file():
+        patients = [root]
+    else:
+        patients = []
+        for sub in _subdirs(root):
+            if (sub / TIMEPOINTS_JSON).is_file() or any(_subdirs(sub)):
+                patients.append(sub)
+            elif _niftis(sub):
+                log.warning("%s: NIfTI files directly in a patient folder; ignored", sub)
+        if not any((p / TIMEPOINTS_JSON).is_file() for p in patients):
+            raise MensegError(
+                f"not a longitudinal dataset: expected <patient>/{TIMEPOINTS_JSON} and "
+                "<patient>/<case>/ folders",
+                root,
+            )
+    out: dict[str, list[tuple[CaseFiles, int]]] = {}
+    seen: dict[str, str] = {}
+    for folder in patients:
+        visits = _patient_series(folder)
+        if not visits:
+            raise MensegError("patient folder holds no cases", folder)
+        for case, _ in visits:
+            if case.case_id in seen:
+                raise MensegError(
+                    f"duplicate case id '{case.case_id}' (also in patient {seen[case.case_id]})",
+                    folder,
+                )
+            seen[case.case_id] = folder.name
+        out[folder.name] = visits
+    return out
 
 
 def case_from_files(paths: Iterable[str | Path]) -> CaseFiles:
@@ -323,7 +458,8 @@ def discover_inputs(path: str | Path | Sequence[str | Path]) -> list[CaseFiles]:
     return discover_cases(p)
 
 
-def _nnunet_dataset_json(name: str, n_training: int, ending: str) -> dict:
+def nnunet_dataset_json(name: str, n_training: int, ending: str = ".nii.gz") -> dict:
+    """nnU-Net v2 ``dataset.json`` content: channels in MODALITIES order, BraTS-MEN labels."""
     return {
         "name": name,
         "description": "written by menseg (BraTS-MEN labels)",
@@ -370,7 +506,7 @@ def convert_dataset(src: str | Path, dst: str | Path, layout: Layout) -> int:
 
     src, dst = Path(src), Path(dst)
     if layout not in ("brats", "nnunet"):
-        raise MensegError(f"unknown layout '{layout}' (use brats or nnunet)")
+        raise MensegError(f"cannot convert to layout '{layout}' (use brats or nnunet)")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise MensegError("destination exists and is not empty; refusing to write into it", dst)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
@@ -396,7 +532,7 @@ def convert_dataset(src: str | Path, dst: str | Path, layout: Layout) -> int:
             if n_tr == 0:
                 n_tr = len(cases)
             write_json_atomic(
-                tmp / "dataset.json", _nnunet_dataset_json(dst.name, n_tr, endings.pop())
+                tmp / "dataset.json", nnunet_dataset_json(dst.name, n_tr, endings.pop())
             )
         if dst.exists():
             dst.rmdir()  # empty (checked above)

@@ -1,0 +1,1 @@
+"""Synthetic meningioma engine: anatomy -> lesion -> mass effect -> oedema -> appearance -> artefacts."""
