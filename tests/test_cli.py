@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-COMMANDS = [[], ["data"], ["data", "check"], ["data", "convert"], ["train"], ["predict"],
-            ["evaluate"], ["demo"], ["benchmark"], ["benchmark", "speed"]]
+COMMANDS = [[], ["data"], ["data", "check"], ["data", "convert"], ["train"], ["predict"], ["synth"],
+            ["evaluate"], ["demo"], ["benchmark"], ["benchmark", "speed"], ["benchmark", "synth"]]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,9 @@
-"""``menseg demo``: generate a phantom dataset, train, predict held-out cases, evaluate.
+"""``menseg demo``: synthesise a small cohort, train, predict held-out cases, evaluate.
 
-Everything is written under one folder so a new user can look at each step's output.
+The cohort comes from the synthetic engine rendered with a fixed scanner site's
+MR-physics model (``menseg.synth.site``), the engine's stand-in for one hospital's
+scans, at 2 mm so that it runs on 2 CPU cores. Everything is written under one
+folder so a new user can look at each step's output.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
 
-#: Phantom geometry of the demo: small enough for 2 CPU cores, big enough to need sliding windows.
-DEMO_SHAPE = (72, 72, 56)
+#: Demo cohort: the 160x192x160 mm brain crop at 2 mm (80x96x80 voxels), one scanner site.
+DEMO_SPACING_MM = 2.0
+DEMO_SITE = "site-a"
 DEMO_TRAIN_CASES = 10
 DEMO_TEST_CASES = 4
 
@@ -26,10 +30,12 @@ def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False)
 
     Returns the evaluation summary (as written to ``out/evaluation/summary.json``).
     """
+    import dataclasses
+
     from menseg.config import load_config
-    from menseg.data.phantom import write_phantom_dataset
     from menseg.evaluate.runner import evaluate_folders
     from menseg.infer.predict import predict
+    from menseg.synth.engine import SynthConfig, synth_dataset, with_spacing
     from menseg.train.trainer import train
 
     out = Path(out)
@@ -39,9 +45,13 @@ def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False)
         shutil.rmtree(out)
     t0 = time.perf_counter()
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    log.info("generating %d training and %d test phantom cases", DEMO_TRAIN_CASES, DEMO_TEST_CASES)
-    write_phantom_dataset(train_dir, DEMO_TRAIN_CASES, DEMO_SHAPE, seed=0, prefix="DEMO-TRAIN")
-    write_phantom_dataset(test_dir, DEMO_TEST_CASES, DEMO_SHAPE, seed=1, prefix="DEMO-TEST")
+    log.info("synthesising %d training and %d test cases (%s, %g mm)", DEMO_TRAIN_CASES, DEMO_TEST_CASES,
+             DEMO_SITE, DEMO_SPACING_MM)
+    synth_cfg = dataclasses.replace(with_spacing(SynthConfig(), DEMO_SPACING_MM), site=DEMO_SITE)
+    synth_dataset(train_dir, DEMO_TRAIN_CASES, "brats", seed=0, cfg=synth_cfg, prefix="DEMO-TRAIN",
+                  device="cpu")
+    synth_dataset(test_dir, DEMO_TEST_CASES, "brats", seed=1, cfg=synth_cfg, prefix="DEMO-TEST",
+                  device="cpu", preview=True)
 
     overrides = [f"data.root={train_dir}", f"out_dir={out / 'run'}"]
     if steps is not None:
@@ -53,7 +63,7 @@ def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False)
     summary = evaluate_folders(pred_dir, test_dir, out / "evaluation")
     minutes = (time.perf_counter() - t0) / 60
     log.info("demo finished in %.1f min", minutes)
-    log.info("data:        %s", out / "data")
+    log.info("data:        %s (previews of the test cases in data/test/preview)", out / "data")
     log.info("run:         %s (config.yaml, metrics.jsonl, best.pt, latest.pt)", run_dir)
     log.info("predictions: %s", pred_dir)
     log.info("evaluation:  %s (metrics.csv, summary.json)", out / "evaluation")

@@ -694,9 +694,8 @@ def sample_injection_params(gen: torch.Generator, cfg: LesionConfig, tissue: tor
         regions: dict[str, torch.Tensor]
         brain_mask: torch.Tensor
 
-    existing = (tissue == _EXISTING).float()[None, None]
     k = [max(1, math.ceil(margin_mm / s)) for s in spacing]
-    near = F.max_pool3d(existing, [2 * v + 1 for v in k], 1, k)[0, 0] > 0
+    near = _box_dilate(tissue == _EXISTING, k)
     rim = (tissue == DURA) & ~near
     if not bool(rim.any()):
         raise ValueError("no free brain rim left to place a lesion on")
@@ -726,17 +725,29 @@ def _lesion_intensities(st: _ScanStats, ip: InjectionParams) -> dict[int, torch.
     return {TUMOUR: et, OEDEMA: oed, CYST: cyst, NECROSIS: necrosis, CALCIFICATION: calc, DURAL_TAIL: tail}
 
 
+def _box_dilate(mask: torch.Tensor, half: list[int]) -> torch.Tensor:
+    """Dilation of a (X, Y, Z) bool mask by a box of half-widths ``half`` voxels (separable max pool).
+
+    Same result as one ``max_pool3d`` with the full box kernel, ~30x faster on CPU at 1 mm.
+    """
+    x = mask.float()[None, None]
+    for d in range(3):
+        ks, pad = [1, 1, 1], [0, 0, 0]
+        ks[d], pad[d] = 2 * half[d] + 1, half[d]
+        x = F.max_pool3d(x, ks, 1, pad)
+    return x[0, 0] > 0
+
+
 def _blur3(x: torch.Tensor) -> torch.Tensor:
     """Separable [1/4, 1/2, 1/4] blur of (C, X, Y, Z) (partial-volume edges), zero padded."""
-    k = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
-    y = x[:, None]
-    for d in range(3):
-        shp = [1, 1, 1, 1, 1]
-        shp[2 + d] = 3
+    y = x
+    for d in range(1, 4):
         pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - d)] = pad[2 * (2 - d) + 1] = 1
-        y = F.conv3d(F.pad(y, pad), k.view(shp))
-    return y[:, 0]
+        pad[2 * (3 - d)] = pad[2 * (3 - d) + 1] = 1
+        z = F.pad(y, pad)
+        n = y.shape[d]
+        y = 0.25 * z.narrow(d, 0, n) + 0.5 * z.narrow(d, 1, n) + 0.25 * z.narrow(d, 2, n)
+    return y
 
 
 def inject_into_image(
@@ -783,10 +794,12 @@ def inject_into_image(
                                    align_corners=True)[0, 0]
             csf = st.csf.to(image.device)[:, None, None, None].expand_as(warped)
             warped = torch.where(inside[None] >= 0.5, warped / inside.clamp_min(1e-3)[None], csf)
-            m = moved & brain[sl]
-            out[(slice(None), *sl)] = torch.where(m[None], warped, out[(slice(None), *sl)])
             r = src.round().long()
             lab_src = lab[r[0], r[1], r[2]]
+            m = moved & brain[sl]
+            if label is not None:  # an existing lesion stays where it is: not displaced, not copied
+                m &= (lab[sl] == 0) & (lab_src == 0)
+            out[(slice(None), *sl)] = torch.where(m[None], warped, out[(slice(None), *sl)])
             lab[sl] = torch.where(m, lab_src, lab[sl])
             influence[sl] |= m
     painted = (res.tissue != tissue) & torch.isin(res.tissue, torch.tensor(LESION, device=tissue.device))
@@ -805,13 +818,18 @@ def inject_into_image(
             if cls == OEDEMA:  # keep the scan's texture, shift its level (vasogenic oedema in WM)
                 tex = out[:, m] * (v / st.wm.clamp_min(1e-6))[:, None]
             les_img[:, m] = tex
-        pm = painted.float()[None]
-        num = _blur3(les_img * pm)
+        # blur only in the painted box + 1 voxel: zero outside it, so equal to a full-volume blur
+        idx = painted.nonzero()
+        bl = [max(0, int(v) - 1) for v in idx.min(0).values]
+        bh = [min(n, int(v) + 2) for v, n in zip(idx.max(0).values, tissue.shape, strict=True)]
+        bs = tuple(slice(a, b) for a, b in zip(bl, bh, strict=True))
+        pm = painted[bs].float()[None]
+        num = _blur3(les_img[(slice(None), *bs)] * pm)
         den = _blur3(pm)
-        keep = painted | (den[0] > 0)
-        keep &= brain
-        blended = out * (1 - den) + num
-        out = torch.where(keep[None], blended, out)
+        keep = torch.zeros_like(painted)
+        keep[bs] = (painted[bs] | (den[0] > 0)) & brain[bs]
+        blended = out[(slice(None), *bs)] * (1 - den) + num
+        out[(slice(None), *bs)] = torch.where(keep[bs][None], blended, out[(slice(None), *bs)])
         influence |= keep
         healthy = torch.where(res.tissue >= N_TISSUES, torch.zeros_like(res.tissue), res.tissue)
         new_lab = tissue_to_label(healthy)

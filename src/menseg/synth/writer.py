@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
+import numpy as np
 
 from menseg.constants import MODALITIES, SEG_SUFFIX
 from menseg.data.io import write_image, write_label
@@ -155,6 +156,28 @@ class DatasetWriter:
             if patient is None or day is None:
                 raise ValueError("longitudinal layout needs patient and day")
             self.timepoints.setdefault(patient, {})[case_id] = {"day": int(day)}
+        self.n_cases += 1
+        return paths["params"]
+
+    def write_arrays(self, case_id: str, image: np.ndarray, label: np.ndarray,
+                     affines: dict[str, np.ndarray], likes: dict[str, Any],
+                     sidecar: dict[str, Any]) -> Path:
+        """Write one case given as arrays (e.g. an injected real scan); returns the (temporary) sidecar path.
+
+        ``image`` ``(4, X, Y, Z)`` (written float32, MODALITIES order), ``label`` ``(X, Y, Z)``
+        (uint8); ``affines`` / ``likes`` per key of MODALITIES and ``"seg"``: the 4x4 affine and
+        the NIfTI image or header whose metadata each file keeps.
+        """
+        assert self.tmp is not None, "use DatasetWriter as a context manager"
+        if self.layout == "longitudinal":
+            raise MensegError("write_arrays supports the brats and nnunet layouts only")
+        paths = {k: self.tmp / p for k, p in case_paths(case_id, self.layout).items()}
+        if paths["params"].exists():
+            raise MensegError(f"duplicate case id '{case_id}'", paths["params"])
+        for c, m in enumerate(MODALITIES):
+            write_image(paths[m], image[c], affines[m], like=likes.get(m))
+        write_label(paths[SEG_SUFFIX], label, affines[SEG_SUFFIX], like=likes.get(SEG_SUFFIX))
+        write_json_atomic(paths["params"], sidecar)
         self.n_cases += 1
         return paths["params"]
 
