@@ -123,6 +123,11 @@ def test_missing_folders_and_seg(tmp_path, refs):
     ref_dir = _write_brats_refs(tmp_path / "ref", refs)
     with pytest.raises(MensegError, match="prediction folder not found"):
         evaluate_folders(tmp_path / "nope", ref_dir, tmp_path / "eval")
-    (ref_dir / "MEN-003").mkdir()
+    # folders without any NIfTI (previews, sidecars) are not cases and are skipped
+    (ref_dir / "preview").mkdir()
+    (ref_dir / "preview" / "MEN-001.png").write_bytes(b"png")
+    assert list(find_reference_labels(ref_dir)) == ["MEN-001", "MEN-002"]
+    # a case folder with images but no label is an error naming the missing file
+    write_label(ref_dir / "MEN-003" / "MEN-003-t1c.nii.gz", _ref_label(), AFFINE)
     with pytest.raises(MensegError, match="MEN-003-seg.nii.gz"):
         find_reference_labels(ref_dir)

@@ -72,6 +72,9 @@ def find_reference_labels(ref_dir: str | Path) -> dict[str, Path]:
         segs = [d / f"{d.name}{_SEG_END}{end}" for end in (".nii.gz", ".nii")]
         seg = next((s for s in segs if s.is_file()), None)
         if seg is None:
+            if not any(is_nifti(f) for f in d.iterdir()):
+                log.debug("skipping %s: no NIfTI files, not a case folder", d)
+                continue  # e.g. preview/ or params/ written beside the cases
             raise MensegError(f"case folder has no {d.name}{_SEG_END}.nii.gz label file", d)
         if d.name in found:
             raise MensegError(f"duplicate case id {d.name!r} (folder and flat file)", d)
