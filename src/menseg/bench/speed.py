@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from menseg.bench.env import environment, loadavg
 from menseg.config import InferConfig, ModelConfig, TrainConfig
 from menseg.errors import MensegError
 from menseg.infer.sliding import autocast_context, predict_probs, resolve_device
@@ -90,14 +91,6 @@ def _maxrss_mb() -> float:
     """Process-wide peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if platform.system() == "Darwin" else rss / 1024
-
-
-def _loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where the OS has none)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def _current_rss_mb() -> float | None:
@@ -297,12 +290,7 @@ def benchmark_speed(
     crop = tuple(crop_shape) if crop_shape is not None else ((4, 20, 24, 18) if quick else CROP_SHAPE)
 
     res: dict[str, Any] = {
-        "device": str(dev),
-        "device_name": (
-            torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-        ),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **environment(dev),
         "quick": quick,
         "case_shape": list(case),
         "crop_shape": list(crop),
@@ -318,7 +306,6 @@ def benchmark_speed(
             else "resident set size sampled during the phase (MiB)"
         ),
         # Other processes on the machine inflate every figure: record the load around the run.
-        "load_average_start": _loadavg(),
         "models": {},
     }
     names = list(models)
@@ -366,7 +353,7 @@ def benchmark_speed(
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     res["process_maxrss_mb"] = _maxrss_mb()
-    res["load_average_end"] = _loadavg()
+    res["load_average_end"] = loadavg()
     res["ratio"] = _ratios(res, names, precisions)
     return res
 

@@ -10,8 +10,6 @@ files is not included (see ``write_s_per_case`` when ``measure_write``).
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ from typing import Any
 
 import torch
 
+from menseg.bench.env import environment, loadavg
 from menseg.synth.engine import SynthConfig, generate_case, resolve_device
 
 log = logging.getLogger(__name__)
@@ -28,13 +27,6 @@ log = logging.getLogger(__name__)
 #: Target speeds from issue 4, point 6 (cases/s at 1 mm, 160x192x160).
 TARGET_CPU = 0.5
 TARGET_GPU = 10.0
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def benchmark_synth(
@@ -72,18 +64,12 @@ def benchmark_synth(
     sp = (float(spacing),) * 3
     cfg = replace(base, shape=tuple(int(s) for s in shape), spacing=sp, site=site)  # type: ignore[arg-type]
     res: dict[str, Any] = {
-        "device": str(dev),
-        "device_name": (
-            torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-        ),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **environment(dev),
         "shape": list(cfg.grid_shape),
         "spacing_mm": list(sp),
         "site": site,
         "n": n,
         "warmup": warmup,
-        "load_average_start": _loadavg(),
     }
     t0 = time.perf_counter()
     for i in range(warmup):
@@ -123,7 +109,7 @@ def benchmark_synth(
             res["write_s_per_case"] = time.perf_counter() - t
     res["target"] = TARGET_GPU if dev.type == "cuda" else TARGET_CPU
     res["meets_target"] = res["cases_per_s"] >= res["target"]
-    res["load_average_end"] = _loadavg()
+    res["load_average_end"] = loadavg()
     return res
 
 

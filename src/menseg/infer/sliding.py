@@ -19,6 +19,7 @@ from torch import nn
 
 from menseg.config import InferConfig
 from menseg.constants import REGION_NAMES
+from menseg.device import resolve_device
 from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
@@ -30,27 +31,6 @@ MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
 )
 
 PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without CUDA is a MensegError."""
-    if isinstance(device, torch.device):
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise MensegError("device 'cuda' requested but CUDA is not available")
-        return device
-    name = "auto" if device is None else str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MensegError(
-                f"device '{device}' requested but CUDA is not available "
-                "(use --device cpu or --device auto)"
-            )
-        return torch.device(name)
-    raise MensegError(f"unknown device '{device}' (use auto, cpu or cuda)")
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from menseg.device import resolve_device
 from menseg.errors import MensegError
 from menseg.synth import anatomy as _anatomy
 from menseg.synth import appearance as _appearance
@@ -126,22 +127,6 @@ class SynthCase:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available else CPU; a CUDA request without CUDA is a MensegError."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device is None or str(device).lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(str(device).lower())
-        except RuntimeError:
-            raise MensegError(f"unknown device '{device}' (use auto, cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MensegError(f"device '{device}' requested but CUDA is not available")
-    return dev
 
 
 def grid_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
