@@ -230,13 +230,27 @@ def synth_cmd(
         typer.Option(help="Inject synthetic meningiomas into the scans of this dataset (BraTS or "
                      "nnU-Net layout) instead of synthesising whole heads; --cases variants per scan."),
     ] = None,
+    from_labels: Annotated[
+        Path | None,
+        typer.Option("--from-labels",
+                     help="Synthesise on the integer label maps (*.nii.gz) of this folder, SynthSeg-style "
+                     "(every class a random intensity), in each map's own grid; --cases per map."),
+    ] = None,
+    label_mapping: Annotated[
+        Path | None,
+        typer.Option(help="With --from-labels: JSON {class: wm|gm|csf|ventricle|dura|background}; "
+                     "without a 'wm' class no oedema is painted."),
+    ] = None,
     preview: Annotated[bool, typer.Option(help="Also write PNG mosaics (up to 16) in OUT/preview.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (--inject: CPU only).")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto, cpu or cuda (--inject, --from-labels: CPU only).")
+    ] = "auto",
 ) -> None:
     """Write a synthetic meningioma dataset, with a JSON sidecar of each case's parameters.
 
     With --inject DIR, every scan of DIR gets --cases injected variants in its own grid
-    (existing labels kept); DIR is never modified.
+    (existing labels kept); DIR is never modified. With --from-labels DIR, every label map
+    of DIR gets --cases synthetic cases (lesions painted, random intensity per class).
     """
     import dataclasses
 
@@ -253,6 +267,26 @@ def synth_cmd(
         if not config.is_file():
             raise MensegError("no such config file", config)
         cfg = SynthConfig.from_dict(yaml.safe_load(config.read_text()) or {})
+    if label_mapping is not None and from_labels is None:
+        raise MensegError("--label-mapping needs --from-labels")
+    if from_labels is not None:
+        from menseg.synth.from_labels import from_labels_dataset, load_label_mapping
+
+        bad = [name for name, v in (("--inject", inject), ("--site", site), ("--spacing", spacing),
+                                    ("--visits", visits)) if v is not None]
+        if bad:
+            raise MensegError(f"{', '.join(bad)} cannot be used with --from-labels (label-map synthesis "
+                              "keeps each map's own grid and draws every class's intensity at random)")
+        if layout == "longitudinal":
+            raise MensegError("--from-labels writes the brats or nnunet layout, not longitudinal")
+        if device.lower() not in ("auto", "cpu"):
+            raise MensegError(f"--from-labels runs on the CPU only (got --device {device})")
+        mapping = None if label_mapping is None else load_label_mapping(label_mapping)
+        written = from_labels_dataset(from_labels, out, per_map=cases, seed=seed, mapping=mapping,
+                                      lesion_cfg=cfg.lesion, appearance_cfg=cfg.appearance,
+                                      layout=layout, preview=preview)  # type: ignore[arg-type]
+        typer.echo(f"wrote {len(written)} label-map case(s) to {out} ({layout} layout)")
+        return
     if inject is not None:
         from menseg.synth.inject import inject_dataset
 

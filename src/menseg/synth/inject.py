@@ -82,7 +82,8 @@ def injection_seed(seed: int, case_id: str, k: int) -> int:
     return derive_seed(int(seed), "inject", case_id, int(k))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -90,14 +91,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_entry(path: Path, root: Path) -> dict[str, str]:
+def file_entry(path: Path, root: Path) -> dict[str, str]:
     """Absolute path (symlinks kept), path relative to the dataset root, and SHA-256 of a source file."""
     p = path.absolute()
     try:
         rel = p.relative_to(root).as_posix()
     except ValueError:
         rel = p.name
-    return {"path": str(p), "relative": rel, "sha256": _sha256(p)}
+    return {"path": str(p), "relative": rel, "sha256": sha256_file(p)}
 
 
 def _to_device(device: str | torch.device) -> torch.device:
@@ -216,8 +217,8 @@ def inject_dataset(
                                                unit="case", disable=None) as bar:
         for case, row in zip(cases, ids, strict=True):
             image, label, affine = load_case(case)
-            files = {m: _file_entry(case.images[m], root) for m in MODALITIES}
-            files[SEG_SUFFIX] = None if case.label is None else _file_entry(case.label, root)  # type: ignore[assignment]
+            files = {m: file_entry(case.images[m], root) for m in MODALITIES}
+            files[SEG_SUFFIX] = None if case.label is None else file_entry(case.label, root)  # type: ignore[assignment]
             heads = {m: nib.load(case.images[m]) for m in MODALITIES}
             affines = {m: np.asarray(h.affine, np.float64) for m, h in heads.items()}
             likes: dict[str, Any] = {m: h.header for m, h in heads.items()}
@@ -287,7 +288,7 @@ def replay_injection(
         p = Path(src) / entry["relative"] if src is not None else Path(entry["path"])
         if not p.is_file():
             raise MensegError("source file of the injected case not found", p)
-        if check_source and _sha256(p) != entry["sha256"]:
+        if check_source and sha256_file(p) != entry["sha256"]:
             raise MensegError("source file changed since the injection (SHA-256 differs)", p)
         return p
 
@@ -306,10 +307,12 @@ def replay_injection(
 __all__ = [
     "INJECT_SIDECAR_VERSION",
     "InjectedCase",
+    "file_entry",
     "inject_arrays",
     "inject_dataset",
     "injection_seed",
     "load_injection_sidecar",
     "replay_injection",
+    "sha256_file",
     "spacing_from_affine",
 ]

@@ -436,7 +436,9 @@ def _tumour_mask(les: Lesion, geo: dict[str, Any], sub: torch.Tensor, lo: Idx3,
     u = torch.stack(q, -1) / r.clamp_min(1e-6)[..., None]
     noise = _direction_noise(u, les.noise_cells, les.noise_seed)
     f = r * torch.exp(-les.noise_amp * noise)
-    allowed = (sub != BACKGROUND) & (sub < N_TISSUES)
+    # any class but background, lesion tissue and an injected scan's existing label (label-map
+    # anatomies carry user classes >= 100, which the tumour may grow into like brain tissue)
+    allowed = (sub != BACKGROUND) & (sub != _EXISTING)
     for t in LESION:
         allowed &= sub != t
     f = torch.where(allowed, f, torch.full_like(f, float("inf")))
