@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import synth_blocks
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
 from menseg.synth import site as S
@@ -17,21 +18,11 @@ OCTANTS = (T.WM, T.GM, T.CSF, T.TUMOUR, T.OEDEMA, T.CYST, T.CALCIFICATION, T.DUR
 
 
 def octant_map(n: int = 32) -> torch.Tensor:
-    h = n // 2
-    tissue = torch.zeros((n + 4,) * 3, dtype=torch.long)
-    for k, tid in enumerate(OCTANTS):
-        i, j, q = (k >> 2) & 1, (k >> 1) & 1, k & 1
-        tissue[2 + i * h:2 + (i + 1) * h, 2 + j * h:2 + (j + 1) * h, 2 + q * h:2 + (q + 1) * h] = tid
-    return tissue
+    return synth_blocks.octant_map(OCTANTS, n)
 
 
 def interior_means(img: torch.Tensor, tissue: torch.Tensor, margin: int) -> dict[int, torch.Tensor]:
-    out = {}
-    for tid in OCTANTS:
-        idx = (tissue == tid).nonzero()
-        lo, hi = idx.min(0).values + margin, idx.max(0).values - margin + 1
-        out[tid] = img[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].mean(dim=(1, 2, 3))
-    return out
+    return synth_blocks.interior_means(img, tissue, OCTANTS, margin)
 
 
 def d(x: float) -> torch.Tensor:

@@ -378,15 +378,10 @@ def from_labels_dataset(
 
 def load_from_labels_sidecar(path: str | Path) -> dict[str, Any]:
     """Read and sanity-check a sidecar of :func:`from_labels_dataset`."""
-    from menseg.synth.writer import read_sidecar
+    from menseg.synth.writer import read_sidecar_of_kind
 
-    side = read_sidecar(path)
-    if side.get("kind") != KIND:
-        raise MensegError(f"not a label-map synthesis sidecar (kind != '{KIND}')", path)
-    for key in ("source", "case_seed", "lesion", "appearance", "lesion_config", "mapping"):
-        if key not in side:
-            raise MensegError(f"sidecar lacks '{key}'", path)
-    return side
+    required = ("source", "case_seed", "lesion", "appearance", "lesion_config", "mapping")
+    return read_sidecar_of_kind(path, KIND, required, "a label-map synthesis")
 
 
 def replay_from_labels(

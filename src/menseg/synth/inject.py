@@ -255,15 +255,10 @@ def inject_dataset(
 
 def load_injection_sidecar(path: str | Path) -> dict[str, Any]:
     """Read and sanity-check an injection sidecar (``<case>-params.json`` of :func:`inject_dataset`)."""
-    from menseg.synth.writer import read_sidecar
+    from menseg.synth.writer import read_sidecar_of_kind
 
-    side = read_sidecar(path)
-    if side.get("kind") != KIND:
-        raise MensegError("not an injection sidecar (kind != 'injection')", path)
-    for key in ("source", "case_seed", "injection", "lesion_config"):
-        if key not in side:
-            raise MensegError(f"sidecar lacks '{key}'", path)
-    return side
+    return read_sidecar_of_kind(path, KIND, ("source", "case_seed", "injection", "lesion_config"),
+                                "an injection")
 
 
 def replay_injection(

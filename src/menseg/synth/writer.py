@@ -204,6 +204,19 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise MensegError(f"unreadable sidecar ({e})", path) from None
 
 
+def read_sidecar_of_kind(
+    path: str | Path, kind: str, required: tuple[str, ...], what: str
+) -> dict[str, Any]:
+    """Load a sidecar and check its ``kind`` and ``required`` keys (``what`` names it in errors)."""
+    side = read_sidecar(path)
+    if side.get("kind") != kind:
+        raise MensegError(f"not {what} sidecar (kind != '{kind}')", path)
+    for key in required:
+        if key not in side:
+            raise MensegError(f"sidecar lacks '{key}'", path)
+    return side
+
+
 __all__ = [
     "COMPRESS_LEVEL",
     "DatasetWriter",
@@ -211,5 +224,6 @@ __all__ = [
     "case_paths",
     "patient_id",
     "read_sidecar",
+    "read_sidecar_of_kind",
     "sidecar_dict",
 ]
