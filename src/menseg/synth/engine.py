@@ -23,7 +23,6 @@ scanner site (:mod:`menseg.synth.site`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -265,11 +264,9 @@ def generate_case(
 
 def load_sidecar(path: str | Path) -> dict[str, Any]:
     """Read and sanity-check a ``<case>-params.json`` sidecar."""
-    path = Path(path)
-    try:
-        side = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MensegError(f"unreadable sidecar ({e})", path) from None
+    from menseg.synth.writer import read_sidecar
+
+    side = read_sidecar(path)
     for key in ("kind", "seed", "config", "seeds"):
         if key not in side:
             raise MensegError(f"sidecar lacks '{key}'", path)

@@ -52,11 +52,12 @@ from nibabel import orientations as nio
 
 from menseg.constants import MODALITIES, SEG_SUFFIX
 from menseg.data.io import is_nifti, load_nifti, nifti_ending
+from menseg.data.validate import spacing_of
 from menseg.errors import MensegError
 from menseg.synth import tissues as T
 from menseg.synth.anatomy import anatomy_from_label_map
 from menseg.synth.appearance import AppearanceConfig, AppearanceParams, render, render_random_intensities
-from menseg.synth.inject import file_entry, sha256_file, spacing_from_affine
+from menseg.synth.inject import file_entry, sha256_file
 from menseg.synth.lesion import LesionConfig, LesionParams, apply_lesions, sample_lesion_params
 from menseg.synth.serial import from_dict, to_plain
 from menseg.utils import derive_seed
@@ -215,7 +216,7 @@ def synth_on_label_map(
     lesion_cfg = lesion_cfg if lesion_cfg is not None else LesionConfig()
     ornt = nio.io_orientation(affine)
     lm_ras = nio.apply_orientation(np.asarray(label_map), ornt)
-    sp = spacing_from_affine(affine)
+    sp = spacing_of(affine)
     sp_ras = tuple(float(sp[int(a)]) for a in np.argsort(ornt[:, 0]))
     anat = anatomy_from_label_map(torch.from_numpy(np.ascontiguousarray(lm_ras, np.int64)),
                                   dict(mapping or {}), spacing=sp_ras)  # type: ignore[arg-type]
@@ -268,15 +269,10 @@ def _output_ids(maps: list[Path], per_map: int) -> list[list[str]]:
 
 def _preview(w: Any, cid: str, stem: str, case: LabelMapCase) -> None:
     """PNG of the case in RAS display orientation, through the lesion."""
-    from menseg.synth.preview import write_preview
+    from menseg.synth.preview import write_preview_ras
 
-    ornt = nio.io_orientation(case.affine)
-    img = np.stack([nio.apply_orientation(c, ornt) for c in case.image])
-    lab = nio.apply_orientation(case.label, ornt)
-    sp = spacing_from_affine(case.affine)
-    sp_ras = tuple(sp[int(a)] for a in np.argsort(ornt[:, 0]))
-    write_preview(w.tmp / "preview" / f"{cid}.png", img, lab, sp_ras,  # type: ignore[arg-type]
-                  title=f"{cid} (label map {stem})")
+    write_preview_ras(w.tmp / "preview" / f"{cid}.png", case.image, case.label, case.affine,
+                      title=f"{cid} (label map {stem})")
 
 
 def from_labels_dataset(
@@ -354,7 +350,7 @@ def from_labels_dataset(
                     "case_seed": s,
                     "shape": list(data.shape),
                     "affine": affine.tolist(),
-                    "spacing": list(spacing_from_affine(affine)),
+                    "spacing": list(spacing_of(affine)),
                     "mapping": {str(c): T.TISSUE_NAMES[t] for c, t in sorted(mapping.items())},
                     "classes": case.classes,
                     "lesion_config": to_plain(lesion_cfg),

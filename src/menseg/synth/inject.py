@@ -36,6 +36,7 @@ import torch
 from menseg.constants import MODALITIES, SEG_SUFFIX
 from menseg.data.layouts import CaseFiles, discover_cases
 from menseg.data.preprocess import load_case
+from menseg.data.validate import spacing_of
 from menseg.errors import MensegError
 from menseg.synth import lesion as _lesion
 from menseg.synth.lesion import InjectionParams, LesionConfig
@@ -69,12 +70,6 @@ class InjectedCase:
     params: InjectionParams
     source_label: np.ndarray
     influence: np.ndarray | None = None
-
-
-def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size (mm) along the three voxel axes: column norms of the affine's 3x3 part."""
-    sp = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
-    return tuple(float(s) for s in sp)  # type: ignore[return-value]
 
 
 def injection_seed(seed: int, case_id: str, k: int) -> int:
@@ -126,7 +121,7 @@ def inject_arrays(
     lab_np = (np.zeros(image.shape[1:], np.uint8) if label is None
               else np.ascontiguousarray(label, np.uint8))
     lab_t = None if label is None else torch.from_numpy(lab_np)
-    spacing = spacing_from_affine(affine)
+    spacing = spacing_of(affine)
     gen = torch.Generator().manual_seed(int(seed))
     try:
         res = _lesion.inject_into_image(img_t, lab_t, gen, cfg, spacing, params=params,
@@ -152,18 +147,11 @@ def _output_ids(cases: list[CaseFiles], per_scan: int, prefix: str | None) -> li
 
 def _preview(w: Any, cid: str, src_id: str, case: InjectedCase) -> None:
     """PNG of the injected case in RAS display orientation, centred on (and showing) the new lesion."""
-    from nibabel import orientations as nio
+    from menseg.synth.preview import write_preview_ras
 
-    from menseg.synth.preview import write_preview
-
-    ornt = nio.io_orientation(case.affine)
-    img = np.stack([nio.apply_orientation(c, ornt) for c in case.image])
     new = np.where(case.label != case.source_label, case.label, 0).astype(np.uint8)
-    lab = nio.apply_orientation(new, ornt)
-    sp = spacing_from_affine(case.affine)
-    sp_ras = tuple(sp[int(a)] for a in np.argsort(ornt[:, 0]))
-    write_preview(w.tmp / "preview" / f"{cid}.png", img, lab, sp_ras,  # type: ignore[arg-type]
-                  title=f"{cid} (from {src_id}; new lesion)")
+    write_preview_ras(w.tmp / "preview" / f"{cid}.png", case.image, new, case.affine,
+                      title=f"{cid} (from {src_id}; new lesion)")
 
 
 def inject_dataset(
@@ -236,7 +224,7 @@ def inject_dataset(
                     "case_seed": s,
                     "shape": list(image.shape[1:]),
                     "affine": np.asarray(affine, np.float64).tolist(),
-                    "spacing": list(spacing_from_affine(affine)),
+                    "spacing": list(spacing_of(affine)),
                     "lesion_config": to_plain(cfg),
                     "injection": to_plain(res.params),
                     "torch": torch.__version__,
@@ -309,5 +297,4 @@ __all__ = [
     "load_injection_sidecar",
     "replay_injection",
     "sha256_file",
-    "spacing_from_affine",
 ]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
+from menseg.geometry import rotation_matrix
 from menseg.utils import derive_seed
 
 if TYPE_CHECKING:
@@ -184,14 +185,7 @@ def apply_pose(tissue: torch.Tensor, pose: Pose, spacing: tuple[float, float, fl
         return tissue
     dev = tissue.device
     shape = tissue.shape
-    rx, ry, rz = (math.radians(a) for a in pose.rotation_deg)
-    cx, sx = math.cos(rx), math.sin(rx)
-    cy, sy = math.cos(ry), math.sin(ry)
-    cz, sz = math.cos(rz), math.sin(rz)
-    rot_x = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
-    rot_y = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
-    rot_z = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
-    rot = rot_z @ rot_y @ rot_x
+    rot = rotation_matrix([math.radians(a) for a in pose.rotation_deg])
     # Output voxel (normalised n, align_corners=True) -> mm: p = S n, S = diag((N-1)/2 * spacing).
     half = torch.tensor([(n - 1) / 2 * s for n, s in zip(shape, spacing, strict=True)], dtype=torch.float64)
     s_mat, s_inv = torch.diag(half), torch.diag(1.0 / half)

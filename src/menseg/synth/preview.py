@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from menseg.constants import MODALITIES
+from menseg.data.validate import spacing_of
 from menseg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,26 @@ def write_preview(
 
 
 __all__ = ["LABEL_COLOURS", "PLANES", "lesion_centre", "write_preview"]
+
+
+def write_preview_ras(
+    path: str | Path,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+    title: str | None = None,
+) -> Path:
+    """:func:`write_preview` of arrays in a file's own voxel order, shown in RAS orientation.
+
+    ``image`` ``(4, X, Y, Z)`` and ``label`` ``(X, Y, Z)`` are in the grid of ``affine`` (any
+    orientation, e.g. LPS); they are reoriented for display and the spacing follows the axes.
+    """
+    from nibabel import orientations as nio
+
+    ornt = nio.io_orientation(affine)
+    img = np.stack([nio.apply_orientation(c, ornt) for c in image])
+    lab = None if label is None else nio.apply_orientation(label, ornt)
+    sp = spacing_of(affine)
+    sp_ras = tuple(sp[int(a)] for a in np.argsort(ornt[:, 0]))
+    return write_preview(path, img, lab, sp_ras, title=title)  # type: ignore[arg-type]
+

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from menseg.config import AugConfig
+from menseg.geometry import rotation_matrix
 
 Tensor = torch.Tensor
 
@@ -108,17 +109,6 @@ def _sample_grid(image: Tensor, label: Tensor | None, coords: Tensor) -> tuple[T
             label[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True
         )[0, 0].round().to(label.dtype)
     return out, lab
-
-
-def _rotation_matrix(angles: Sequence[float]) -> Tensor:
-    ax, ay, az = angles
-    cx, sx = math.cos(ax), math.sin(ax)
-    cy, sy = math.cos(ay), math.sin(ay)
-    cz, sz = math.cos(az), math.sin(az)
-    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
-    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
-    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
-    return rz @ ry @ rx
 
 
 class SpatialTransform:
@@ -193,7 +183,7 @@ class Rotate(SpatialTransform):
         return RotateParams(u < cfg.p_rotate, (a[0], a[1], a[2]))
 
     def matrix(self, params: RotateParams) -> Tensor:
-        return _rotation_matrix(params.angles)
+        return rotation_matrix(params.angles)
 
 
 @dataclass(frozen=True)
