@@ -6,7 +6,9 @@ import sys
 import pytest
 
 COMMANDS = [[], ["data"], ["data", "check"], ["data", "convert"], ["train"], ["predict"], ["synth"],
-            ["evaluate"], ["demo"], ["benchmark"], ["benchmark", "speed"], ["benchmark", "synth"]]
+            ["evaluate"], ["demo"], ["bench"], ["bench", "speed"], ["bench", "synth"],
+            ["bench", "efficiency"],
+            ["benchmark", "speed"]]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -26,7 +26,8 @@ data_app = typer.Typer(help="Check and convert datasets (BraTS-MEN and nnU-Net v
                        no_args_is_help=True)
 bench_app = typer.Typer(help="Measured benchmarks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.add_typer(bench_app, name="benchmark")
+app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="benchmark", hidden=True)  # the name used before 0.2
 
 _state = {"debug": False}
 log = logging.getLogger("menseg")
@@ -331,6 +332,67 @@ def bench_synth(
         write_json_atomic(out, res)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MensegError(f"{what} must be comma-separated integers, e.g. 3,5,10; got '{text}'") from None
+
+
+@bench_app.command("efficiency")
+def bench_efficiency(
+    out: Annotated[Path, typer.Option(help="Benchmark folder (rerun the command to resume it).")] = Path(
+        "menseg-bench"
+    ),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Labelled dataset (BraTS or nnU-Net layout): the pool and the test split. "
+                     "Default: the embedded synthetic site cohort."),
+    ] = None,
+    unlabeled: Annotated[
+        Path | None, typer.Option(help="Extra scans without labels, for variants that use them.")
+    ] = None,
+    labeled: Annotated[
+        str | None, typer.Option(help="Numbers of labelled cases, e.g. 3,5,10 (default: the profile's).")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per N (default: the profile's).")] = None,
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated configs (packaged names or YAML paths); the first is "
+                          "the reference of the paired tests.")
+    ] = "baseline",
+    profile: Annotated[
+        str, typer.Option(help="quick (2 CPU cores, < 1 h for the baseline), full (GPU, nnU-Net-like "
+                          "budget) or a profile YAML.")
+    ] = "quick",
+    test_size: Annotated[
+        int | None, typer.Option(help="Cases of --data held out for testing (default: half).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Extra config override for every run, e.g. --set train.steps=100."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache for the embedded cohort (default ~/.cache/menseg).")
+    ] = None,
+) -> None:
+    """Quality vs number of labelled cases: every (variant, N, seed) on one budget and test split.
+
+    Writes OUT/report/ (report.html, report.md, results.csv, figures). Interrupted? Run the
+    same command again: finished runs are kept, an unfinished one resumes from its checkpoint.
+    """
+    from menseg.bench.efficiency import run_efficiency
+
+    files = run_efficiency(
+        out, [v.strip() for v in variants.split(",") if v.strip()],
+        _int_list(labeled, "--labeled") if labeled is not None else None, seeds, profile, data, unlabeled,
+        test_size, set_ or [], device, cache_dir, command=" ".join(["menseg", *sys.argv[1:]]),
+    )
+    for name in ("report.html", "report.md", "results.csv"):
+        if name in files:
+            typer.echo(str(files[name]))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the demo data, run and results.")] = Path(
@@ -339,7 +401,7 @@ def demo_cmd(
     steps: Annotated[int | None, typer.Option(help="Training steps (default from demo config).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
 ) -> None:
-    """Generate a small phantom dataset, train, predict the held-out cases, evaluate."""
+    """Synthesise a small one-site cohort, train, predict the held-out cases, evaluate."""
     from menseg.demo import run_demo
 
     summary = run_demo(out, steps=steps, overwrite=overwrite)

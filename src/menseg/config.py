@@ -30,6 +30,11 @@ class DataConfig:
     val_fraction: float = 0.2  #: share of cases held out for validation (at least one)
     val_cases: tuple[str, ...] = ()  #: explicit validation case ids (overrides val_fraction)
     cache_dir: str | None = None  #: preprocessed cache; default <out_dir>/preprocessed
+    #: use only these labelled case ids (training + validation); empty = every labelled case in root
+    cases: tuple[str, ...] = ()
+    #: folder of extra scans without labels (BraTS or nnU-Net layout), for variants that learn from
+    #: unlabelled scans; the baseline does not read it
+    unlabeled_root: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return conv(cfg)
+
+
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 3}}`` -> ``{"train.steps": 3}`` (a config dict's dotted keys)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -26,7 +26,7 @@ DEMO_TEST_CASES = 4
 
 
 def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Run train -> predict -> evaluate on generated phantom data under ``out``.
+    """Run synthesise -> train -> predict -> evaluate on a synthetic one-site cohort under ``out``.
 
     Returns the evaluation summary (as written to ``out/evaluation/summary.json``).
     """

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +177,25 @@ def evaluate_folders(
     if extra:
         log.warning("%d prediction(s) without reference skipped: %s", len(extra), ", ".join(extra))
 
+    pairs = {cid: (preds[cid], refs[cid]) for cid in refs}
+    return evaluate_pairs(pairs, out_dir, {"pred_dir": str(pred_dir), "ref_dir": str(ref_dir)})
+
+
+def evaluate_pairs(
+    pairs: Mapping[str, tuple[Path, Path]], out_dir: str | Path, extra: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``{case_id: (prediction, reference)}`` label files; write CSV + summary.
+
+    Returns the summary written to ``out_dir/summary.json`` (:func:`summarise` plus
+    ``metrics_csv`` and the ``extra`` keys). Nothing is written unless every case succeeds.
+    """
+    out_dir = Path(out_dir)
     keys = metric_names()
     rows: list[dict[str, Any]] = []
-    for cid in tqdm(refs, desc="evaluate", unit="case", disable=None):
-        m = evaluate_pair(cid, preds[cid], refs[cid])
+    for cid in tqdm(list(pairs), desc="evaluate", unit="case", disable=None if progress else True):
+        pred_path, ref_path = pairs[cid]
+        m = evaluate_pair(cid, Path(pred_path), Path(ref_path))
         rows.append({"case_id": cid, **m})
         log.info(
             "%s: lesion Dice ET/TC/WT %.3f/%.3f/%.3f",
@@ -191,9 +207,7 @@ def evaluate_folders(
 
     summary = summarise(rows, keys)
     csv_path = out_dir / "metrics.csv"
-    summary.update(
-        {"pred_dir": str(pred_dir), "ref_dir": str(ref_dir), "metrics_csv": str(csv_path)}
-    )
+    summary.update({**(extra or {}), "metrics_csv": str(csv_path)})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(csv_path, _csv_text(rows, keys))
     write_json_atomic(out_dir / "summary.json", summary)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Ending of written label files.
 LABEL_ENDING = ".nii.gz"
 
-InputSpec = str | os.PathLike | Sequence[str | os.PathLike]
+InputSpec = str | os.PathLike | Sequence[str | os.PathLike] | Sequence[CaseFiles]
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -138,7 +138,8 @@ def predict(
         model_path: checkpoint file (``best.pt``) or a run folder holding ``best.pt``.
         input: a dataset folder (BraTS or nnU-Net layout), one BraTS case folder, a flat
             folder of nnU-Net channel files, or a list of four image files
-            (see :func:`menseg.data.layouts.discover_inputs`).
+            (see :func:`menseg.data.layouts.discover_inputs`), or a list of
+            :class:`~menseg.data.layouts.CaseFiles`.
         output: folder receiving ``<case_id>.nii.gz`` per case, or, for one case,
             a file path ending ``.nii.gz``.
         device: ``auto`` | ``cpu`` | ``cuda`` (``cuda`` without CUDA is a MensegError).
@@ -160,7 +161,10 @@ def predict(
     model_path = Path(model_path)
     if model_path.is_dir():
         model_path = model_path / "best.pt"
-    cases = discover_inputs(input)
+    if isinstance(input, Sequence) and input and all(isinstance(c, CaseFiles) for c in input):
+        cases = list(input)  # already discovered (e.g. a benchmark's test split)
+    else:
+        cases = discover_inputs(input)  # type: ignore[arg-type]
     if not cases:
         where = input if isinstance(input, str | os.PathLike) else None
         raise MensegError("no cases found to predict", where)

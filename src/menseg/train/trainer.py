@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from menseg.checkpoint import load_checkpoint, save_checkpoint
-from menseg.config import Config, save_config, to_dict
+from menseg.config import Config, flat_config, save_config, to_dict
 from menseg.constants import REGION_NAMES
 from menseg.data.sampling import PatchSampler
 from menseg.errors import MensegError
@@ -128,19 +128,8 @@ def _iter_batches(
 # ---------------------------------------------------------------- helpers
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> None:
-    now, then = _flat(to_dict(cfg)), _flat(stored)
+    now, then = flat_config(to_dict(cfg)), flat_config(stored)
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:
@@ -183,6 +172,17 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
     if not cfg.data.root:
         raise MensegError("data.root is not set (give the dataset folder, e.g. data=DIR)")
     cases = [c for c in discover_cases(cfg.data.root) if c.label is not None]
+    if cfg.data.cases:
+        by_id = {c.case_id: c for c in cases}
+        unknown = [i for i in cfg.data.cases if i not in by_id]
+        if unknown:
+            raise MensegError(f"data.cases: no labelled case '{unknown[0]}' in the dataset", cfg.data.root)
+        if len(set(cfg.data.cases)) != len(cfg.data.cases):
+            raise MensegError("data.cases lists a case id twice", cfg.data.root)
+        cases = [by_id[i] for i in sorted(cfg.data.cases)]
+    if cfg.data.unlabeled_root:
+        log.info("data.unlabeled_root is set; this trainer configuration does not use unlabelled "
+                    "scans (%s)", cfg.data.unlabeled_root)
     if len(cases) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
         raise MensegError(
             f"need at least 2 labelled cases (training + validation), found {len(cases)}", cfg.data.root
@@ -225,7 +225,14 @@ def validate(
 # ---------------------------------------------------------------- train
 
 
-def train(cfg: Config, resume: bool = False, *, stop_at: int | None = None, progress: bool = True) -> Path:
+def train(
+    cfg: Config,
+    resume: bool = False,
+    *,
+    stop_at: int | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Path:
     """Train the segmentation network described by ``cfg``; returns the run folder.
 
     Args:
@@ -236,6 +243,8 @@ def train(cfg: Config, resume: bool = False, *, stop_at: int | None = None, prog
             checkpoint, as if the process had been killed (for tests and
             time-boxed runs); the run can then be resumed.
         progress: show a progress bar.
+        on_step: called as ``on_step(done, total)`` after every completed step (e.g. by a
+            benchmark's overall progress display).
     """
     from menseg.infer.sliding import resolve_device
     from menseg.nets import build_network
@@ -323,7 +332,8 @@ def train(cfg: Config, resume: bool = False, *, stop_at: int | None = None, prog
     batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress,
+               leave=on_step is None)
     t0 = time.perf_counter() - elapsed
     model.train()
     with open(metrics_path, "a") as mf:
@@ -371,6 +381,8 @@ def train(cfg: Config, resume: bool = False, *, stop_at: int | None = None, prog
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 save_checkpoint(latest, make_state(done))
             bar.update(1)
+            if on_step is not None:
+                on_step(done, tc.steps)
             bar.set_postfix(loss=f"{loss_v:.4f}", **({"val": f"{rec['val_mean_dice']:.3f}"}
                                                        if "val_mean_dice" in rec else {}))
     bar.close()
