@@ -136,5 +136,6 @@ def test_worker_batches_equal_main_process() -> None:
     ds = StepBatches(sampler, 2, seed=4)
     main = list(_iter_batches(ds, 3, 6, num_workers=0, pin=False))
     workers = list(_iter_batches(ds, 3, 6, num_workers=1, pin=False))
-    for (a, b), (c, d) in zip(main, workers, strict=True):
-        assert torch.equal(a, c) and torch.equal(b, d)
+    for (a, b, e), (c, d, f) in zip(main, workers, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d) and torch.equal(e, f)
+        assert e.tolist() == [0, 0]  # the case index of each sample

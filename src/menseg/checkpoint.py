@@ -74,13 +74,16 @@ def config_from_checkpoint(state: dict[str, Any], path: str | Path | None = None
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild the network from a checkpoint's stored config and load its weights.
 
+    The network is :func:`menseg.ism.model.build_model`'s: the plain DynUNet, or an
+    :class:`~menseg.ism.model.ISMNet` when the run switched on an ISM part.
+
     Returns ``(model, cfg)`` with the model on ``device`` in eval mode.
     """
-    from menseg.nets import build_network
+    from menseg.ism.model import build_model
 
     state = load_checkpoint(path, map_location="cpu")
     cfg = config_from_checkpoint(state, path)
-    model = build_network(cfg.model, patch_size=cfg.train.patch_size)
+    model = build_model(cfg)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError) as e:

@@ -107,6 +107,123 @@ class InferConfig:
     precision: str = "auto"
 
 
+#: Where the partner *b* of a spatial mix can come from (``ism.spatial.sources``).
+ISM_SOURCES: tuple[str, ...] = ("batch", "location", "synthetic")
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    """Distribution of mixing fields; every range is ``(low, high)`` and sampled per field."""
+
+    n_features: int = 16  #: Fourier components K
+    wavelength_mm: tuple[float, float] = (24.0, 96.0)  #: shortest wavelength L (mm), log-uniform
+    period_days: tuple[float, float] = (90.0, 720.0)  #: shortest period T (days), log-uniform
+    ratio: tuple[float, float] = (0.3, 0.7)  #: share of the volume taken from source a, uniform
+    sharpness: tuple[float, float] = (2.0, 8.0)  #: sigmoid slope a (large -> near binary), log-uniform
+
+    def __post_init__(self) -> None:
+        if self.n_features < 1:
+            raise MensegError(f"field n_features must be at least 1, got {self.n_features}")
+        for name in ("wavelength_mm", "period_days", "sharpness"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise MensegError(f"field {name} must satisfy 0 < low <= high, got ({lo}, {hi})")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi < 1:
+            raise MensegError(f"field ratio must satisfy 0 < low <= high < 1, got ({lo}, {hi})")
+
+
+@dataclass(frozen=True)
+class SpatialMixConfig:
+    """Spatial feature mixing (``ism.spatial``)."""
+
+    enabled: bool = False
+    p: float = 0.5  #: probability that a training sample is mixed
+    #: encoder levels mixed through the learned fusion (0 = full resolution); the shallower skips are
+    #: blended with the same field and the deeper levels recomputed from the deepest mixed level
+    levels: tuple[int, ...] = (2,)
+    sources: tuple[str, ...] = ISM_SOURCES  #: what the partner b can be (see :data:`ISM_SOURCES`)
+    field: FieldConfig = field(default_factory=FieldConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise MensegError(f"ism.spatial.p must be in [0, 1], got {self.p}")
+        if not self.levels or min(self.levels) < 0:
+            raise MensegError(f"ism.spatial.levels must be non-empty levels >= 0, got {list(self.levels)}")
+        bad = [s for s in self.sources if s not in ISM_SOURCES]
+        if bad or not self.sources:
+            raise MensegError(
+                f"ism.spatial.sources must be a non-empty subset of {', '.join(ISM_SOURCES)}, got "
+                f"{list(self.sources)}")
+
+
+@dataclass(frozen=True)
+class ModalFusionConfig:
+    """Switch and training-time sequence dropout of modal fusion (config section ``ism.modal``)."""
+
+    enabled: bool = False
+    #: probability that a training sample loses some sequences
+    p_drop: float = 0.3
+    #: at most this many sequences dropped from one sample (at least one always stays)
+    max_drop: int = 3
+    #: channels of each per-sequence encoder; None = half the first U-Net level's channels (at least 4)
+    channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_drop <= 1.0:
+            raise MensegError(f"ism.modal.p_drop must be in [0, 1], got {self.p_drop}")
+        if self.max_drop < 0:
+            raise MensegError(f"ism.modal.max_drop must be at least 0, got {self.max_drop}")
+        if self.channels is not None and self.channels < 1:
+            raise MensegError(f"ism.modal.channels must be at least 1 (or null), got {self.channels}")
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """``ism.temporal``: fusion of earlier visits and temporal mixing."""
+
+    enabled: bool = False
+    #: Encoder level where prior features are fused (0 = full resolution; deeper levels are
+    #: recomputed from the fused features).
+    level: int = 2
+    #: Size of the Fourier encoding of the day gap (sin/cos pairs; an odd count adds tanh(gap/scale)).
+    time_features: int = 8
+    #: Scale of the encoding (days): the longest period is 4x this, the shortest 1/64 of it.
+    max_gap_days: float = 1825.0
+    #: Probability that a training sample with two visits is replaced by a temporal mix.
+    p_mix: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            raise MensegError(f"ism.temporal.level must be >= 0, got {self.level}")
+        if self.time_features < 1:
+            raise MensegError(f"ism.temporal.time_features must be >= 1, got {self.time_features}")
+        if not self.max_gap_days > 0:
+            raise MensegError(f"ism.temporal.max_gap_days must be > 0, got {self.max_gap_days}")
+        if not 0.0 <= self.p_mix <= 1.0:
+            raise MensegError(f"ism.temporal.p_mix must be in [0, 1], got {self.p_mix}")
+
+
+@dataclass(frozen=True)
+class ISMConfig:
+    """Implicit Spatiotemporal Mixing (DESIGN.md, idea 1); each part is switched on its own."""
+
+    spatial: SpatialMixConfig = field(default_factory=SpatialMixConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    modal: ModalFusionConfig = field(default_factory=ModalFusionConfig)
+    #: synthetic cases generated once per run for the ``synthetic`` mixing source
+    n_synthetic: int = 8
+
+    @property
+    def any(self) -> bool:
+        """Whether any part changes the network (else the model is the plain DynUNet)."""
+        return self.spatial.enabled or self.temporal.enabled or self.modal.enabled
+
+    def __post_init__(self) -> None:
+        if self.n_synthetic < 1:
+            raise MensegError(f"ism.n_synthetic must be at least 1, got {self.n_synthetic}")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
@@ -118,6 +235,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    ism: ISMConfig = field(default_factory=ISMConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -22,6 +22,12 @@ nnU-Net v2 raw::
 
 Discovery checks the file structure only (missing modality, duplicate case
 ids); :mod:`menseg.data.validate` checks the voxel contents.
+
+Missing sequences: by default every case must have all four MODALITIES. With
+``allow_missing=True`` (:func:`discover_inputs`, :func:`discover_cases`,
+:func:`discover_series`, :func:`case_from_files`) a case may hold any non-empty
+subset; its :class:`CaseFiles` then lacks the absent keys (see
+:attr:`CaseFiles.present`, :attr:`CaseFiles.reference`).
 """
 
 from __future__ import annotations
@@ -65,16 +71,44 @@ _CHANNEL_ALIASES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """The files of one case: four images keyed by modality (MODALITIES order), optional label."""
+    """The files of one case: images keyed by modality (MODALITIES order), optional label.
+
+    ``images`` holds all four MODALITIES, or, for a case discovered with
+    ``allow_missing=True``, a non-empty subset of them (absent keys are missing
+    sequences).
+    """
 
     case_id: str
     images: dict[str, Path]
     label: Path | None = None
 
     @property
+    def present(self) -> tuple[str, ...]:
+        """The modalities this case has, in MODALITIES order."""
+        return tuple(m for m in MODALITIES if m in self.images)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The modalities this case lacks, in MODALITIES order (empty for a full case)."""
+        return tuple(m for m in MODALITIES if m not in self.images)
+
+    @property
+    def complete(self) -> bool:
+        """True if all four modalities are present."""
+        return not self.missing
+
+    @property
+    def reference(self) -> Path:
+        """The image whose grid outputs are written in: t1c if present, else the first present."""
+        present = self.present
+        if not present:
+            raise MensegError(f"case '{self.case_id}' has no image ({', '.join(MODALITIES)})")
+        return self.images[present[0]]
+
+    @property
     def files(self) -> list[Path]:
-        """All files of the case (images in MODALITIES order, then the label if any)."""
-        return [self.images[m] for m in MODALITIES] + ([self.label] if self.label else [])
+        """All files of the case (present images in MODALITIES order, then the label if any)."""
+        return [self.images[m] for m in self.present] + ([self.label] if self.label else [])
 
 
 def _niftis(folder: Path) -> list[Path]:
@@ -116,8 +150,17 @@ def detect_layout(root: str | Path) -> Layout:
     )
 
 
-def _brats_case(folder: Path) -> CaseFiles | None:
-    """Parse one BraTS case folder; None if it holds no NIfTI files."""
+def _no_image_error(where: Path, case_id: str) -> MensegError:
+    return MensegError(
+        f"case '{case_id}' has no image file (need at least one of {', '.join(MODALITIES)})", where
+    )
+
+
+def _brats_case(folder: Path, allow_missing: bool = False) -> CaseFiles | None:
+    """Parse one BraTS case folder; None if it holds no NIfTI files.
+
+    Without ``allow_missing`` all four modalities must be there; with it at least one.
+    """
     files = _niftis(folder)
     if not files:
         return None
@@ -141,10 +184,17 @@ def _brats_case(folder: Path) -> CaseFiles | None:
         raise MensegError(f"files of several cases in one folder: {', '.join(sorted(ids))}", folder)
     case_id = ids.pop()
     ending = nifti_ending(next(iter(found.values())))
-    for mod in MODALITIES:
-        if mod not in found:
-            raise MensegError(f"missing modality {mod}", folder / f"{case_id}-{mod}{ending}")
-    return CaseFiles(case_id, {m: found[m] for m in MODALITIES}, found.get(SEG_SUFFIX))
+    if not allow_missing:
+        for mod in MODALITIES:
+            if mod not in found:
+                raise MensegError(f"missing modality {mod}", folder / f"{case_id}-{mod}{ending}")
+    images = {m: found[m] for m in MODALITIES if m in found}
+    if not images:
+        raise _no_image_error(folder, case_id)
+    if len(images) < len(MODALITIES):
+        log.debug("%s: case %s lacks %s", folder, case_id,
+                  ", ".join(m for m in MODALITIES if m not in images))
+    return CaseFiles(case_id, images, found.get(SEG_SUFFIX))
 
 
 def _channel_map(root: Path) -> list[str]:
@@ -178,8 +228,14 @@ def _channel_map(root: Path) -> list[str]:
     return list(MODALITIES)
 
 
-def _nnunet_images(folder: Path, channels: list[str]) -> dict[str, dict[str, Path]]:
-    """Group ``<case>_XXXX`` files of an images folder by case id."""
+def _nnunet_images(
+    folder: Path, channels: list[str], allow_missing: bool = False
+) -> dict[str, dict[str, Path]]:
+    """Group ``<case>_XXXX`` files of an images folder by case id.
+
+    Without ``allow_missing`` every case must have every channel; with it a case
+    may lack some (it has at least one file, or it would not exist).
+    """
     cases: dict[str, dict[str, Path]] = {}
     for p in _niftis(folder):
         m = _NNUNET_RE.match(nifti_stem(p))
@@ -197,15 +253,16 @@ def _nnunet_images(folder: Path, channels: list[str]) -> dict[str, dict[str, Pat
                 p,
             )
         files[mod] = p
-    for cid, files in cases.items():
-        for ch, mod in enumerate(channels):
-            if mod not in files:
-                end = nifti_ending(next(iter(files.values())))
-                raise MensegError(f"missing modality {mod}", folder / f"{cid}_{ch:04d}{end}")
+    if not allow_missing:
+        for cid, files in cases.items():
+            for ch, mod in enumerate(channels):
+                if mod not in files:
+                    end = nifti_ending(next(iter(files.values())))
+                    raise MensegError(f"missing modality {mod}", folder / f"{cid}_{ch:04d}{end}")
     return cases
 
 
-def _discover_nnunet(root: Path) -> list[CaseFiles]:
+def _discover_nnunet(root: Path, allow_missing: bool = False) -> list[CaseFiles]:
     channels = _channel_map(root)
     labels: dict[str, Path] = {}
     lab_dir = root / "labelsTr"
@@ -222,44 +279,45 @@ def _discover_nnunet(root: Path) -> list[CaseFiles]:
         folder = root / sub
         if not folder.is_dir():
             continue
-        for cid, files in _nnunet_images(folder, channels).items():
+        for cid, files in _nnunet_images(folder, channels, allow_missing).items():
             if cid in out:
                 raise MensegError(f"duplicate case id '{cid}' (in imagesTr and imagesTs)", folder)
             label = labels.pop(cid, None) if sub == "imagesTr" else None
-            out[cid] = CaseFiles(cid, {m: files[m] for m in MODALITIES}, label)
+            out[cid] = CaseFiles(cid, {m: files[m] for m in MODALITIES if m in files}, label)
     if labels:
         cid, p = sorted(labels.items())[0]
         raise MensegError(f"label of case '{cid}' has no images in imagesTr", p)
     return [out[k] for k in sorted(out)]
 
 
-def discover_cases(root: str | Path) -> list[CaseFiles]:
+def discover_cases(root: str | Path, allow_missing: bool = False) -> list[CaseFiles]:
     """All cases of a dataset folder (BraTS, nnU-Net or longitudinal layout), sorted by case id.
 
     For the longitudinal layout every visit of every patient is one case.
 
-    Raises MensegError for: no dataset, missing modality, duplicate case ids,
-    labels without images.
+    Raises MensegError for: no dataset, missing modality (unless ``allow_missing``:
+    then a case needs at least one image), duplicate case ids, labels without images.
     """
     root = Path(root)
     layout = detect_layout(root)
     if layout == "nnunet":
-        cases = _discover_nnunet(root)
+        cases = _discover_nnunet(root, allow_missing)
     elif layout == "longitudinal":
         cases = sorted(
-            (case for visits in discover_series(root).values() for case, _ in visits),
+            (case for visits in discover_series(root, allow_missing).values()
+             for case, _ in visits),
             key=lambda c: c.case_id,
         )
     else:
         by_id: dict[str, CaseFiles] = {}
         own = [p for p in _niftis(root) if _BRATS_RE.match(nifti_stem(p))]
         for sub in ([root] if own else []) + _subdirs(root):
-            case = _brats_case(sub)
+            case = _brats_case(sub, allow_missing)
             if case is None:
                 log.debug("skipping %s: no NIfTI files", sub)
                 continue
             if case.case_id in by_id:
-                other = by_id[case.case_id].images[MODALITIES[0]].parent
+                other = by_id[case.case_id].reference.parent
                 raise MensegError(
                     f"duplicate case id '{case.case_id}' (also in folder {other.name})", sub
                 )
@@ -307,7 +365,7 @@ def _read_timepoints(path: Path) -> dict[str, int]:
     return days
 
 
-def _patient_series(folder: Path) -> list[tuple[CaseFiles, int]]:
+def _patient_series(folder: Path, allow_missing: bool = False) -> list[tuple[CaseFiles, int]]:
     """Visits of one patient folder, sorted by day then case id."""
     tp = folder / TIMEPOINTS_JSON
     if not tp.is_file():
@@ -315,7 +373,7 @@ def _patient_series(folder: Path) -> list[tuple[CaseFiles, int]]:
     days = _read_timepoints(tp)
     visits: dict[str, CaseFiles] = {}
     for sub in _subdirs(folder):
-        case = _brats_case(sub)
+        case = _brats_case(sub, allow_missing)
         if case is None:
             log.debug("skipping %s: no NIfTI files", sub)
             continue
@@ -332,14 +390,17 @@ def _patient_series(folder: Path) -> list[tuple[CaseFiles, int]]:
     return sorted(((c, days[c.case_id]) for c in visits.values()), key=lambda v: (v[1], v[0].case_id))
 
 
-def discover_series(root: str | Path) -> dict[str, list[tuple[CaseFiles, int]]]:
+def discover_series(
+    root: str | Path, allow_missing: bool = False
+) -> dict[str, list[tuple[CaseFiles, int]]]:
     """Patients of a longitudinal dataset: ``{patient: [(case, day), ...]}`` sorted by day.
 
     ``root`` holds patient folders (``root/<patient>/timepoints.json`` plus one
     BraTS case folder per visit), or is itself one patient folder. Days are
     offsets in days (int). Patients are sorted by name. Raises MensegError for a
     patient folder without timepoints.json, a case missing from it or an entry
-    without a case folder, duplicate case ids.
+    without a case folder, duplicate case ids, a missing modality (unless
+    ``allow_missing``: then a visit needs at least one image).
     """
     root = Path(root)
     if not root.is_dir():
@@ -362,7 +423,7 @@ def discover_series(root: str | Path) -> dict[str, list[tuple[CaseFiles, int]]]:
     out: dict[str, list[tuple[CaseFiles, int]]] = {}
     seen: dict[str, str] = {}
     for folder in patients:
-        visits = _patient_series(folder)
+        visits = _patient_series(folder, allow_missing)
         if not visits:
             raise MensegError("patient folder holds no cases", folder)
         for case, _ in visits:
@@ -376,13 +437,14 @@ def discover_series(root: str | Path) -> dict[str, list[tuple[CaseFiles, int]]]:
     return out
 
 
-def case_from_files(paths: Iterable[str | Path]) -> CaseFiles:
+def case_from_files(paths: Iterable[str | Path], allow_missing: bool = False) -> CaseFiles:
     """One case from four image files (and optionally a label file).
 
     Modalities come from the file names: BraTS suffixes (``-t1c`` ... ``-seg``,
     also ``_t1c`` or a bare ``t1c.nii.gz``) or nnU-Net channel suffixes
     (``_0000`` ... ``_0003``, MODALITIES order; a fifth file without a channel
-    suffix is the label).
+    suffix is the label). With ``allow_missing`` 1-4 image files are accepted
+    (a label without a channel suffix is then only recognised beside all four).
     """
     paths = [Path(p) for p in paths]
     for p in paths:
@@ -419,23 +481,39 @@ def case_from_files(paths: Iterable[str | Path]) -> CaseFiles:
     if not paths:
         raise MensegError("no image files given")
     case_id = max(set(ids), key=ids.count) if ids else (paths[0].resolve().parent.name or "case")
-    for mod in MODALITIES:
-        if mod not in found:
-            given = ", ".join(p.name for p in paths)
-            expected = paths[0].parent / f"{case_id}-{mod}{nifti_ending(paths[0])}"
-            raise MensegError(f"missing modality {mod} among the given files ({given})", expected)
-    return CaseFiles(case_id, {m: found[m] for m in MODALITIES}, found.get(SEG_SUFFIX))
+    given = ", ".join(p.name for p in paths)
+    if not allow_missing:
+        for mod in MODALITIES:
+            if mod not in found:
+                expected = paths[0].parent / f"{case_id}-{mod}{nifti_ending(paths[0])}"
+                raise MensegError(
+                    f"missing modality {mod} among the given files ({given})", expected
+                )
+    images = {m: found[m] for m in MODALITIES if m in found}
+    if not images:
+        raise MensegError(
+            f"no image file among the given files ({given}); need at least one of "
+            f"{', '.join(MODALITIES)}",
+            paths[0],
+        )
+    return CaseFiles(case_id, images, found.get(SEG_SUFFIX))
 
 
-def discover_inputs(path: str | Path | Sequence[str | Path]) -> list[CaseFiles]:
+def discover_inputs(
+    path: str | Path | Sequence[str | Path], allow_missing: bool = False
+) -> list[CaseFiles]:
     """Cases to predict on.
 
     ``path`` may be a dataset folder (BraTS or nnU-Net layout; for nnU-Net,
     imagesTr and imagesTs), one BraTS case folder, a flat folder of nnU-Net
     channel files (like ``imagesTs/``), or a list of four image files.
+
+    With ``allow_missing`` a case may lack some sequences (1-4 image files; the
+    absent keys are missing from ``CaseFiles.images``); a case with no image is
+    still an error. Without it a missing sequence is a MensegError.
     """
     if not isinstance(path, str | os.PathLike):
-        return [case_from_files(path)]
+        return [case_from_files(path, allow_missing)]
     p = Path(path)
     if not p.exists():
         raise MensegError("input not found", p)
@@ -446,16 +524,17 @@ def discover_inputs(path: str | Path | Sequence[str | Path]) -> list[CaseFiles]:
     files = _niftis(p)
     if files:
         if any(_BRATS_RE.match(nifti_stem(f)) for f in files):
-            case = _brats_case(p)
+            case = _brats_case(p, allow_missing)
             assert case is not None
             return [case]
         if all(_NNUNET_RE.match(nifti_stem(f)) for f in files):
-            cases = _nnunet_images(p, list(MODALITIES))
+            cases = _nnunet_images(p, list(MODALITIES), allow_missing)
             return [
-                CaseFiles(cid, {m: cases[cid][m] for m in MODALITIES}) for cid in sorted(cases)
+                CaseFiles(cid, {m: cases[cid][m] for m in MODALITIES if m in cases[cid]})
+                for cid in sorted(cases)
             ]
-        return [case_from_files(files)]
-    return discover_cases(p)
+        return [case_from_files(files, allow_missing)]
+    return discover_cases(p, allow_missing)
 
 
 def nnunet_dataset_json(name: str, n_training: int, ending: str = ".nii.gz") -> dict:

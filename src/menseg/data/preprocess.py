@@ -10,6 +10,12 @@
    already matches so nothing is interpolated),
 4. per-modality z-score inside the brain mask, background set to 0.
 
+Missing sequences: a case discovered with ``allow_missing`` (see
+:mod:`menseg.data.layouts`) is loaded with all-zero channels for its absent
+sequences (:func:`load_case`); :func:`preprocess` with ``present`` builds the
+brain mask / crop from the present channels only and keeps the absent ones
+exactly 0 (props ``"present"`` names the present channels).
+
 Everything needed to undo steps 1-3 is recorded in a JSON-serialisable
 ``props`` dict; :func:`invert` maps a (C, x, y, z) array in the preprocessed
 grid back onto the input grid exactly (same shape and voxel order as the
@@ -24,6 +30,7 @@ which differs from the target by at most half a voxel over the crop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +39,9 @@ import torch.nn.functional as F
 from nibabel import orientations as nio
 
 from menseg.constants import MODALITIES
+from menseg.data.io import read_image, read_label
 from menseg.data.layouts import CaseFiles
-from menseg.data.validate import orientation_of, read_case, spacing_of
+from menseg.data.validate import _check_geometry, orientation_of, read_case, spacing_of
 from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,11 @@ _MAX_ONEHOT = 16
 _RAS = nio.axcodes2ornt(("R", "A", "S"))
 
 
+def present_mask(case: CaseFiles) -> list[bool]:
+    """Per channel of :func:`load_case`'s image (MODALITIES order): is that sequence present?"""
+    return [m in case.images for m in MODALITIES]
+
+
 def load_case(
     case: CaseFiles, atol: float = 1e-3
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -52,9 +65,47 @@ def load_case(
 
     Returns ``(image, label, affine)``: float32 ``(4, X, Y, Z)`` in MODALITIES
     order, uint8 ``(X, Y, Z)`` or None, 4x4 voxel->mm affine.
+
+    A case lacking sequences (``CaseFiles`` from discovery with ``allow_missing``)
+    gets all-zero channels for them; the grid (shape, affine) is that of
+    ``case.reference`` (t1c if present, else the first present sequence), and the
+    present sequences and the label must agree with it within ``atol``. Which
+    channels are present: ``case.present`` / :func:`present_mask`.
     """
-    image, label, affine, _ = read_case(case, atol)
-    return image, label, affine
+    if all(m in case.images for m in MODALITIES):
+        image, label, affine, _ = read_case(case, atol)
+        return image, label, affine
+    return _read_partial_case(case, atol)
+
+
+def _read_partial_case(
+    case: CaseFiles, atol: float
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`load_case` for a case lacking some sequences (zero channels for them)."""
+    present = case.present
+    if not present:
+        raise MensegError(
+            f"case '{case.case_id}' has no image (need at least one of {', '.join(MODALITIES)})"
+        )
+    ref = present[0]
+    ref_path = case.images[ref]
+    ref_name = f"{ref} ({ref_path.name})"
+    ref_data, ref_affine = read_image(ref_path)
+    image = np.zeros((len(MODALITIES), *ref_data.shape), np.float32)
+    image[MODALITIES.index(ref)] = ref_data
+    del ref_data
+    for mod in present[1:]:
+        path = case.images[mod]
+        data, affine = read_image(path)
+        _check_geometry(path, mod, data.shape, affine, image.shape[1:], ref_affine, ref_name, atol)
+        image[MODALITIES.index(mod)] = data
+    label = None
+    if case.label is not None:
+        label, laff = read_label(case.label)
+        _check_geometry(case.label, "label", label.shape, laff, image.shape[1:], ref_affine,
+                        ref_name, atol)
+    log.debug("%s: sequences %s absent (zero channels)", case.case_id, ", ".join(case.missing))
+    return image, label, ref_affine
 
 
 # ---------------------------------------------------------------- geometry helpers
@@ -147,6 +198,7 @@ def preprocess(
     label: np.ndarray | None,
     affine: np.ndarray,
     spacing: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0),
+    present: Sequence[bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Reorient to RAS+, crop to the brain, resample to ``spacing`` (mm), z-score.
 
@@ -155,11 +207,16 @@ def preprocess(
         label: integer ``(X, Y, Z)`` in the same grid, or None.
         affine: 4x4 voxel->mm affine of that grid.
         spacing: target voxel size in mm along the RAS axes.
+        present: one bool per channel, False for an absent sequence (None: all
+            present). The brain mask and crop come from the present channels
+            only; absent channels come out exactly 0 (not normalised, whatever
+            they held) and get no ``norm`` entry.
 
     Returns:
         ``(image_pp, label_pp, props)``: float32 ``(C, x, y, z)`` (zero outside
         the brain), uint8 ``(x, y, z)`` or None, and the JSON-serialisable record
-        of every step (see :func:`invert`).
+        of every step (see :func:`invert`); ``props["present"]`` lists the names
+        of the present channels.
     """
     image = np.asarray(image)
     affine = np.asarray(affine, np.float64)
@@ -171,6 +228,16 @@ def preprocess(
     target = np.asarray(spacing, float)
     if target.shape != (3,) or not (target > 0).all():
         raise MensegError(f"target spacing must be three positive numbers (mm), got {spacing}")
+    n_ch = int(image.shape[0])
+    names = list(MODALITIES) if n_ch == len(MODALITIES) else [f"ch{i}" for i in range(n_ch)]
+    if present is None:
+        keep = np.ones(n_ch, bool)
+    else:
+        keep = np.array([bool(v) for v in present], bool)
+        if keep.shape != (n_ch,):
+            raise ValueError(f"present has {keep.size} entries for {n_ch} image channels")
+        if not keep.any():
+            raise MensegError("no sequence present (present is all False)")
 
     # 1. reorient to RAS+
     ornt = nio.io_orientation(affine)
@@ -179,8 +246,8 @@ def preprocess(
     aff_r = affine @ nio.inv_ornt_aff(ornt, shape0)
     shape_r = tuple(int(s) for s in img_r.shape[1:])
 
-    # 2. crop to the non-zero box (union over modalities)
-    brain = (img_r != 0).any(axis=0)
+    # 2. crop to the non-zero box (union over the present modalities)
+    brain = (img_r[keep] != 0).any(axis=0) if not keep.all() else (img_r != 0).any(axis=0)
     if not brain.any():
         raise MensegError("image is zero everywhere (no brain to crop to)")
     box = _bbox(brain)
@@ -213,13 +280,14 @@ def preprocess(
     sp_eff = sp_in * np.asarray(shape_c) / np.asarray(new_shape)
     aff_p = _resample_affine(aff_c, shape_c, new_shape)
 
-    # 4. z-score per modality inside the brain
+    # 4. z-score per modality inside the brain (absent modalities: exactly 0)
     norm: dict[str, dict[str, float]] = {}
-    names = list(MODALITIES) if img_p.shape[0] == len(MODALITIES) else [
-        f"ch{i}" for i in range(img_p.shape[0])]
     n_brain = int(np.count_nonzero(brain_p))
     for c, name in enumerate(names):
         ch = img_p[c]
+        if not keep[c]:
+            ch[...] = 0.0
+            continue
         vals = ch[brain_p] if n_brain else ch.ravel()
         mean = float(vals.mean(dtype=np.float64))
         std = float(vals.std(dtype=np.float64))
@@ -245,6 +313,7 @@ def preprocess(
         "affine": _listify(aff_p),
         "norm": norm,
         "brain_voxels": n_brain,
+        "present": [n for n, k in zip(names, keep, strict=True) if k],
     }
     if label is not None:
         props["label_voxels_outside_crop"] = lost
@@ -298,9 +367,12 @@ def preprocess_case(
     case: CaseFiles, spacing: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0),
     atol: float = 1e-3,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """:func:`load_case` + :func:`preprocess`; props also get ``case_id`` and ``files``."""
+    """:func:`load_case` + :func:`preprocess`; props also get ``case_id`` and ``files``.
+
+    Sequences the case lacks are zero channels (``props["present"]`` names the others).
+    """
     image, label, affine = load_case(case, atol)
-    image_pp, label_pp, props = preprocess(image, label, affine, spacing)
+    image_pp, label_pp, props = preprocess(image, label, affine, spacing, present_mask(case))
     props["case_id"] = case.case_id
     props["files"] = [str(p) for p in case.files]
     return image_pp, label_pp, props

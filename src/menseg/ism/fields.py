@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from menseg.config import FieldConfig
 from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
@@ -51,28 +52,6 @@ Vec3 = Sequence[float]
 
 #: Stop calibrating the threshold once the grid mean of lambda is this close to the ratio.
 CALIBRATION_TOL = 1e-5
-
-
-@dataclass(frozen=True)
-class FieldConfig:
-    """Distribution of mixing fields; every range is ``(low, high)`` and sampled per field."""
-
-    n_features: int = 16  #: Fourier components K
-    wavelength_mm: tuple[float, float] = (24.0, 96.0)  #: shortest wavelength L (mm), log-uniform
-    period_days: tuple[float, float] = (90.0, 720.0)  #: shortest period T (days), log-uniform
-    ratio: tuple[float, float] = (0.3, 0.7)  #: share of the volume taken from source a, uniform
-    sharpness: tuple[float, float] = (2.0, 8.0)  #: sigmoid slope a (large -> near binary), log-uniform
-
-    def __post_init__(self) -> None:
-        if self.n_features < 1:
-            raise MensegError(f"field n_features must be at least 1, got {self.n_features}")
-        for name in ("wavelength_mm", "period_days", "sharpness"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise MensegError(f"field {name} must satisfy 0 < low <= high, got ({lo}, {hi})")
-        lo, hi = self.ratio
-        if not 0 < lo <= hi < 1:
-            raise MensegError(f"field ratio must satisfy 0 < low <= high < 1, got ({lo}, {hi})")
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,7 +26,6 @@ through untouched: its features are exactly *a*'s, whatever the fusion has learn
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,40 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from menseg.config import ISM_SOURCES as SOURCES
+from menseg.config import SpatialMixConfig
 from menseg.errors import MensegError
-from menseg.ism.fields import FieldConfig, MixField, field_on_grid, sample_field
+from menseg.ism.fields import MixField, field_on_grid, sample_field
 from menseg.nets.unet import decode, encode, encode_from, level_strides
 
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-#: Where the partner *b* of a mix can come from.
-SOURCES: tuple[str, ...] = ("batch", "location", "synthetic")
-
-
-@dataclass(frozen=True)
-class SpatialMixConfig:
-    """Spatial feature mixing (``ism.spatial``)."""
-
-    enabled: bool = False
-    p: float = 0.5  #: probability that a training sample is mixed
-    #: encoder levels mixed through the learned fusion (0 = full resolution); the shallower skips are
-    #: blended with the same field and the deeper levels recomputed from the deepest mixed level
-    levels: tuple[int, ...] = (2,)
-    sources: tuple[str, ...] = SOURCES  #: what the partner b can be (see :data:`SOURCES`)
-    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise MensegError(f"ism.spatial.p must be in [0, 1], got {self.p}")
-        if not self.levels or min(self.levels) < 0:
-            raise MensegError(f"ism.spatial.levels must be non-empty levels >= 0, got {list(self.levels)}")
-        bad = [s for s in self.sources if s not in SOURCES]
-        if bad or not self.sources:
-            raise MensegError(
-                f"ism.spatial.sources must be a non-empty subset of {', '.join(SOURCES)}, got "
-                f"{list(self.sources)}")
 
 
 # ---------------------------------------------------------------- per-batch fields
@@ -323,7 +298,9 @@ class SpatialMixer(nn.Module):
         Args:
             net: the DynUNet (training mode).
             xa: inputs ``(B, C, X, Y, Z)``.
-            xb: partners of the same shape (:func:`gather_partner`), or ``None`` when every mixed
+            xb: partners of the same shape (:func:`gather_partner`), encoded without gradient
+                (they are a source of features, not samples to learn from; this keeps the cost of
+                a mix to one forward of the shallow levels), or ``None`` when every mixed
                 sample's partner is in the batch (:func:`batch_partner`): *b*'s features are then
                 *a*'s rolled along the batch, with no second encoder pass.
             field_batch: the batch's mixes (:func:`sample_field_batch`).
@@ -339,7 +316,11 @@ class SpatialMixer(nn.Module):
         if field_batch.batch_size != xa.shape[0]:
             raise MensegError(f"mix_forward: {field_batch.batch_size} fields for a batch of {xa.shape[0]}")
         fa = encode(net, xa, stem, stop=d)
-        fb = [batch_partner(f) for f in fa] if xb is None else encode(net, xb, stem, stop=d)
+        if xb is None:
+            fb = [batch_partner(f) for f in fa]
+        else:  # the partner is a source of features, not a sample to learn from: no backward through it
+            with torch.no_grad():
+                fb = encode(net, xb, stem, stop=d)
         lams = self.level_fields(net, xa.shape[2:], field_batch, xa.device)
         mixed = self(fa, fb, lams)
         return decode(net, [*mixed, *encode_from(net, mixed[-1], d)])

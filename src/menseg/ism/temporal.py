@@ -39,13 +39,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from menseg.config import TemporalConfig
 from menseg.constants import REGION_NAMES, REGIONS
 from menseg.errors import MensegError
 
@@ -61,32 +61,6 @@ FieldFn = Callable[[Tensor, float], Tensor]
 #: Periods of the gap encoding relative to ``max_gap_days``: geometric from 4x (monotone over the
 #: whole range) down to 1/64 (~29 days for 5 years: month-scale gaps stay distinguishable).
 GAP_PERIODS_REL: tuple[float, float] = (4.0, 1.0 / 64.0)
-
-
-@dataclass(frozen=True)
-class TemporalConfig:
-    """``ism.temporal``: fusion of earlier visits and temporal mixing."""
-
-    enabled: bool = False
-    #: Encoder level where prior features are fused (0 = full resolution; deeper levels are
-    #: recomputed from the fused features).
-    level: int = 2
-    #: Size of the Fourier encoding of the day gap (sin/cos pairs; an odd count adds tanh(gap/scale)).
-    time_features: int = 8
-    #: Scale of the encoding (days): the longest period is 4x this, the shortest 1/64 of it.
-    max_gap_days: float = 1825.0
-    #: Probability that a training sample with two visits is replaced by a temporal mix.
-    p_mix: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.level < 0:
-            raise MensegError(f"ism.temporal.level must be >= 0, got {self.level}")
-        if self.time_features < 1:
-            raise MensegError(f"ism.temporal.time_features must be >= 1, got {self.time_features}")
-        if not self.max_gap_days > 0:
-            raise MensegError(f"ism.temporal.max_gap_days must be > 0, got {self.max_gap_days}")
-        if not 0.0 <= self.p_mix <= 1.0:
-            raise MensegError(f"ism.temporal.p_mix must be in [0, 1], got {self.p_mix}")
 
 
 # ----------------------------------------------------------------------------- gap encoding

@@ -65,7 +65,9 @@ class RegionDiceBCELoss(nn.Module):
       logits ``(B, K, 3, X, Y, Z)`` (MONAI DynUNet, all upsampled to full
       size); or a sequence of ``(B, 3, x_k, y_k, z_k)`` at decreasing
       resolution, whose targets are the label downsampled (nearest).
-    - ``label``: integer ``(B, X, Y, Z)`` with values in {0,1,2,3}.
+    - ``label``: integer ``(B, X, Y, Z)`` with values in {0,1,2,3}; or soft region targets,
+      float ``(B, 3, X, Y, Z)`` in [0, 1] (ET, TC, WT; e.g. the mixed targets of ISM), which
+      lower-resolution outputs see area-averaged.
 
     Returns the weighted scalar loss (fp32); the k-th output's weight is
     ``2^-k`` normalised to sum 1.
@@ -84,7 +86,12 @@ class RegionDiceBCELoss(nn.Module):
         return self.dice_weight * soft_dice_loss(logits, target, self.batch_dice) + self.bce_weight * bce
 
     def forward(self, outputs: Tensor | Sequence[Tensor], label: Tensor) -> Tensor:
-        if isinstance(outputs, Tensor) and outputs.ndim == label.ndim + 2:
+        soft = label.is_floating_point()
+        if soft and (label.ndim != 5 or label.shape[1] != len(REGION_NAMES)):
+            raise ValueError(
+                f"soft targets must be (B, {len(REGION_NAMES)}, X, Y, Z), got {tuple(label.shape)}")
+        spatial_ndim = label.ndim - 1 if soft else label.ndim
+        if isinstance(outputs, Tensor) and outputs.ndim == spatial_ndim + 2:
             outputs = list(outputs.unbind(dim=1))
         elif isinstance(outputs, Tensor):
             outputs = [outputs]
@@ -94,7 +101,11 @@ class RegionDiceBCELoss(nn.Module):
         for w, out in zip(weights, outputs, strict=True):
             size = tuple(out.shape[2:])
             if size not in cache:
-                cache[size] = labels_to_regions(_downsample_label(label, size))
+                if soft:
+                    same = tuple(label.shape[2:]) == size
+                    cache[size] = label if same else F.adaptive_avg_pool3d(label, size)
+                else:
+                    cache[size] = labels_to_regions(_downsample_label(label, size))
             total = total + w * self.single(out, cache[size])
         return total
 

@@ -93,8 +93,9 @@ def split_cases(ids: Sequence[str], val_fraction: float, val_cases: Sequence[str
 class StepBatches(torch.utils.data.Dataset):
     """Dataset indexed by step: item ``t`` is the (un-augmented) batch of step ``t``.
 
-    Returns numpy ``(image (B, C, *patch) f32, label (B, *patch) uint8)``; a pure
-    function of ``(seed, t)``, so worker processes need no seeding.
+    Returns numpy ``(image (B, C, *patch) f32, label (B, *patch) uint8, case (B,) int64)``
+    (``case``: each sample's index in the sampler's case list); a pure function of
+    ``(seed, t)``, so worker processes need no seeding.
     """
 
     def __init__(self, sampler: PatchSampler, batch_size: int, seed: int) -> None:
@@ -105,18 +106,21 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**31 - 1
 
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        return self.sampler.batch(rng, self.batch_size)
+        choices = self.sampler.sample(rng, self.batch_size)
+        pairs = [self.sampler.extract(c) for c in choices]
+        cases = np.asarray([c.case for c in choices], dtype=np.int64)
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
 
 
 def _iter_batches(
     ds: StepBatches, start: int, stop: int, num_workers: int, pin: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     if num_workers <= 0:
         for t in range(start, stop):
-            img, lab = ds[t]
-            yield torch.from_numpy(img), torch.from_numpy(lab)
+            img, lab, cases = ds[t]
+            yield torch.from_numpy(img), torch.from_numpy(lab), torch.from_numpy(cases)
         return
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, sampler=range(start, stop), num_workers=num_workers, pin_memory=pin,
@@ -129,7 +133,13 @@ def _iter_batches(
 
 
 def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> None:
-    now, then = flat_config(to_dict(cfg)), flat_config(stored)
+    from menseg.config import from_dict
+
+    now = flat_config(to_dict(cfg))
+    try:  # options added to menseg after the run started count at their default
+        then = flat_config(to_dict(from_dict(Config, stored)))
+    except MensegError:
+        then = flat_config(stored)
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:
@@ -247,7 +257,7 @@ def train(
             benchmark's overall progress display).
     """
     from menseg.infer.sliding import resolve_device
-    from menseg.nets import build_network
+    from menseg.ism.model import ISMNet, build_model
     from menseg.train.augment import augment_batch
     from menseg.train.losses import RegionDiceBCELoss
 
@@ -283,15 +293,25 @@ def train(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(tc.seed, "init"))
-        model = build_network(cfg.model, patch_size=tc.patch_size)
+        model = build_model(cfg)
     model.to(device)
+    ism_step = None
+    if isinstance(model, ISMNet) and (cfg.ism.spatial.enabled or cfg.ism.modal.enabled):
+        from menseg.train.ism import ISMStep, synthetic_pool
+
+        syn = None
+        if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
+            cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
+            syn = synthetic_pool(cfg, out, cache, progress=progress)
+        ism_step = ISMStep(cfg, model, sampler, syn)
     opt = torch.optim.SGD(
         model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
     )
     amp_dtype, scaler = _amp_setup(cfg, device)
     loss_fn = RegionDiceBCELoss()
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters on %s%s", cfg.model.name, n_params / 1e6, device,
+    log.info("model %s: %.2fM parameters on %s%s", getattr(model, "describe", lambda: cfg.model.name)(),
+             n_params / 1e6, device,
              f", autocast {amp_dtype}" if amp_dtype else "")
 
     start, best_metric, best_step, elapsed = 0, -math.inf, -1, 0.0
@@ -337,7 +357,7 @@ def train(
     t0 = time.perf_counter() - elapsed
     model.train()
     with open(metrics_path, "a") as mf:
-        for step, (img, lab) in zip(range(start, end), batches, strict=True):
+        for step, (img, lab, cases) in zip(range(start, end), batches, strict=True):
             torch.manual_seed(derive_seed(tc.seed, "step", step))  # dropout etc.
             img = img.to(device, non_blocking=True)
             lab = lab.to(device, non_blocking=True)
@@ -349,9 +369,13 @@ def train(
             opt.zero_grad(set_to_none=True)
             ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                    else contextlib.nullcontext())
+            stats: dict[str, float] = {}
             with ctx:
-                outputs = model(img)
-            loss = loss_fn(outputs, lab)
+                if ism_step is not None:
+                    outputs, target, stats = ism_step.forward(step, img, lab, cases.tolist())
+                else:
+                    outputs, target = model(img), lab
+            loss = loss_fn(outputs, target)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -366,7 +390,7 @@ def train(
             loss_v = float(loss.detach())
             if not math.isfinite(loss_v):
                 raise MensegError(f"training diverged at step {done} (loss {loss_v}); try a lower train.lr")
-            rec: dict[str, Any] = {"step": done, "loss": loss_v, "lr": lr}
+            rec: dict[str, Any] = {"step": done, "loss": loss_v, "lr": lr, **stats}
             if val_cases and (done % tc.val_every == 0 or done == tc.steps):
                 rec.update(validate(model, val_cases, cfg, device))
                 model.train()

@@ -1,0 +1,161 @@
+"""ISM inside the training step: sequence dropout, spatial feature mixing and its partners.
+
+Everything random in step ``t`` comes from generators seeded by ``(train.seed, name, t[, b])``,
+like the rest of the trainer, so ISM runs replay bit for bit and resume exactly:
+
+- ``"ism-modal"``: which sequences each sample keeps (:func:`menseg.ism.modal.sample_presence`);
+- ``"ism-spatial"``: which samples are mixed, with which source and field
+  (:func:`menseg.ism.spatial.sample_field_batch`);
+- ``"ism-location"``, ``"ism-synthetic"`` (per sample): the partner patch of the ``location``
+  source (another place of the same case, foreground with ``train.fg_oversample``) and of the
+  ``synthetic`` source (a patch of a synthetic case from the run's synthetic pool);
+- ``"aug-partner"`` (per sample): the partner patch's own augmentation.
+
+Partners are cut and augmented only for the samples that use them. The synthetic pool is
+``ism.n_synthetic`` cases from the synthetic engine's default (procedural) appearance model,
+generated once per run folder at the run's spacing and preprocessed like the real cases; it is
+not the user's scanner, so it adds lesion shapes and places, not a copy of the test domain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from menseg.config import Config
+from menseg.data.sampling import PatchSampler, choose_start, crop_pad
+from menseg.errors import MensegError
+from menseg.ism.modal import sample_presence
+from menseg.ism.model import ISMNet
+from menseg.ism.spatial import FieldBatch, gather_partner, mix_targets, sample_field_batch
+from menseg.train.augment import augment_batch
+from menseg.train.losses import labels_to_regions
+from menseg.utils import derive_seed
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+
+def synthetic_pool(cfg: Config, out: Path, cache: Path, progress: bool = True) -> PatchSampler:
+    """Patch sampler over the run's synthetic cases (generated on first use into ``out``)."""
+    from menseg.data.dataset import preprocess_dataset
+    from menseg.data.layouts import discover_cases
+    from menseg.synth.engine import SynthConfig, synth_dataset, with_spacing
+
+    folder = out / "ism-synthetic"
+    n = cfg.ism.n_synthetic
+    if not (folder / "done.json").is_file():
+        import shutil
+
+        from menseg.utils import write_json_atomic
+
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("generating %d synthetic cases for ISM mixing in %s", n, folder)
+        scfg = with_spacing(SynthConfig(), float(min(cfg.data.spacing)))
+        synth_dataset(folder / "cases", n, "brats", seed=derive_seed(cfg.train.seed, "ism-synthetic-pool"),
+                      cfg=scfg, prefix="ISM-SYN", device="cpu")
+        write_json_atomic(folder / "done.json", {"n": n, "spacing_mm": float(min(cfg.data.spacing))})
+    cases = discover_cases(folder / "cases")
+    if len(cases) != n:
+        raise MensegError(f"synthetic pool holds {len(cases)} cases, expected {n}; delete it to rebuild",
+                          folder)
+    pre = preprocess_dataset(cases, cache / "ism-synthetic", cfg.data.spacing)
+    return PatchSampler([(c.image, c.label) for c in pre], cfg.train.patch_size, cfg.train.fg_oversample)
+
+
+@dataclass
+class ISMStep:
+    """The ISM part of one training step for an :class:`ISMNet`.
+
+    Args:
+        cfg: the run config.
+        model: the network being trained.
+        sampler: the real cases' patch sampler (for the ``location`` partner).
+        synthetic: the synthetic pool's sampler (for the ``synthetic`` partner), or None.
+    """
+
+    cfg: Config
+    model: ISMNet
+    sampler: PatchSampler
+    synthetic: PatchSampler | None = None
+
+    def _location(self, step: int, b: int, case: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-location", step, b))
+        image, label = self.sampler.cases[case]
+        fg = self.sampler.fg[case] if rng.random() < self.sampler.fg_share else None
+        start = choose_start(label.shape, self.sampler.patch_size, rng, fg)
+        return (crop_pad(image, start, self.sampler.patch_size).astype(np.float32, copy=False),
+                crop_pad(label, start, self.sampler.patch_size).astype(np.uint8, copy=False))
+
+    def _synthetic(self, step: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.synthetic is None:
+            raise MensegError("the 'synthetic' mixing source needs the synthetic pool")
+        rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-synthetic", step, b))
+        img, lab = self.synthetic.batch(rng, 1)
+        return img[0], lab[0]
+
+    def partners(
+        self, step: int, fb: FieldBatch, cases: Sequence[int], like: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """Augmented partner images ``(B, 4, ...)`` and labels for rows whose source is not the batch
+        (other rows hold zeros and are never read), or None when every partner is in the batch."""
+        if not fb.needs_partner_input:
+            return None
+        rows = [(b, s) for b, (f, s) in enumerate(zip(fb.fields, fb.sources, strict=True))
+                if f is not None and s in ("location", "synthetic")]
+        imgs, labs = [], []
+        for b, src in rows:
+            if src == "location":
+                img, lab = self._location(step, b, int(cases[b]))
+            else:
+                img, lab = self._synthetic(step, b)
+            imgs.append(torch.from_numpy(np.ascontiguousarray(img)))
+            labs.append(torch.from_numpy(np.ascontiguousarray(lab)))
+        seeds = [derive_seed(self.cfg.train.seed, "aug-partner", step, b) for b, _ in rows]
+        ai, al = augment_batch(torch.stack(imgs), torch.stack(labs), self.cfg.aug, seeds)
+        xb = torch.zeros_like(like)
+        yb = torch.zeros(like.shape[0], *like.shape[2:], dtype=al.dtype, device=like.device)
+        for k, (b, _) in enumerate(rows):
+            xb[b] = ai[k].to(like.device)
+            yb[b] = al[k].to(like.device)
+        return xb, yb
+
+    def forward(
+        self, step: int, img: Tensor, lab: Tensor, cases: Sequence[int]
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """``(outputs, targets, stats)`` for the step: targets are integer labels when nothing is
+        mixed, else soft region targets mixed with the same fields as the features."""
+        ism, seed, bsz = self.cfg.ism, self.cfg.train.seed, img.shape[0]
+        present = None
+        stats: dict[str, float] = {}
+        if ism.modal.enabled:
+            g = torch.Generator().manual_seed(derive_seed(seed, "ism-modal", step))
+            present = sample_presence(g, bsz, ism.modal).to(img.device)
+            stats["ism_dropped"] = float((~present).sum())
+        if not ism.spatial.enabled:
+            return self.model(img, present=present), lab, stats
+        g = torch.Generator().manual_seed(derive_seed(seed, "ism-spatial", step))
+        fb = sample_field_batch(g, ism.spatial, bsz, img.shape[2:], self.cfg.data.spacing)
+        stats["ism_mixed"] = float(sum(f is not None for f in fb.fields))
+        if not fb.any_mixed:
+            return self.model(img, present=present), lab, stats
+        part = self.partners(step, fb, cases, img)
+        ya = labels_to_regions(lab)
+        if part is None:
+            xb, yb = None, gather_partner(ya, fb)
+        else:
+            loc_x, loc_y = part[0], labels_to_regions(part[1])
+            xb = gather_partner(img, fb, loc_x, loc_x)
+            yb = gather_partner(ya, fb, loc_y, loc_y)
+        lam = fb.on_grid(img.shape[2:], device=img.device)
+        out = self.model.mix_forward(img, xb, fb, present)
+        return out, mix_targets(ya, yb, lam), stats
+
+
+__all__ = ["ISMStep", "synthetic_pool"]
