@@ -127,15 +127,27 @@ def predict_cmd(
     precision: Annotated[
         str | None, typer.Option(help="fp32, bf16 (autocast) or auto; default from the model.")
     ] = None,
+    prior: Annotated[
+        Path | None,
+        typer.Option(help="An earlier visit of the one input case (case folder); needs a model trained "
+                          "with ism.temporal, and --gap-days."),
+    ] = None,
+    gap_days: Annotated[
+        float | None, typer.Option(help="Days from the --prior visit to the input case.")
+    ] = None,
 ) -> None:
-    """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation)."""
+    """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation).
+
+    A case may lack some of the four sequences if the model was trained with modal fusion
+    (ism.modal): it is then segmented from those present, and the log says which were used.
+    """
     from menseg.infer.predict import predict
 
     if model.is_dir():
         model = model / "best.pt"
     source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
     written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite,
-                      overlap=overlap, precision=precision)
+                      overlap=overlap, precision=precision, prior=prior, gap_days=gap_days)
     for p in written:
         typer.echo(str(p))
 
@@ -391,6 +403,50 @@ def bench_efficiency(
     for name in ("report.html", "report.md", "results.csv"):
         if name in files:
             typer.echo(str(files[name]))
+
+
+@bench_app.command("missing")
+def bench_missing(
+    out: Annotated[Path, typer.Option(help="A data-efficiency benchmark folder (menseg bench efficiency).")],
+    variants: Annotated[str, typer.Option(help="Comma-separated variants to test.")] = "baseline,ism",
+    labeled: Annotated[
+        int | None, typer.Option(help="Which N's runs (default: the largest finished).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Lesion-wise Dice with each MRI sequence dropped at prediction, per variant (modal fusion vs not).
+
+    Writes OUT/missing/missing.csv and missing.md and prints the table.
+    """
+    from menseg.bench.ism import run_missing
+
+    folder = run_missing(out, [v.strip() for v in variants.split(",") if v.strip()], labeled, device)
+    typer.echo((folder / "missing.md").read_text())
+
+
+@bench_app.command("longitudinal")
+def bench_longitudinal(
+    out: Annotated[
+        Path, typer.Option(help="Folder for the cohort, the run and the results (resumable).")
+    ] = Path("menseg-bench-longitudinal"),
+    variant: Annotated[str, typer.Option(help="Config to train (packaged name or YAML).")] = "ism",
+    profile: Annotated[str, typer.Option(help="Budget profile (quick, full or a YAML).")] = "quick",
+    train_patients: Annotated[int, typer.Option(help="Training patients (all visits labelled).")] = 6,
+    test_patients: Annotated[int, typer.Option(help="Test patients (last visit scored).")] = 6,
+    visits: Annotated[int, typer.Option(help="Visits per patient.")] = 3,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra config override, e.g. --set train.steps=100."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Last-visit Dice with and without the previous visit as --prior, on a synthetic longitudinal cohort."""
+    from menseg.bench.ism import LongitudinalSpec, longitudinal_table, run_longitudinal
+
+    if min(train_patients, test_patients) < 1 or visits < 2:
+        raise MensegError("need at least 1 training and 1 test patient and 2 visits per patient")
+    spec = LongitudinalSpec(n_train=train_patients, n_test=test_patients, visits=visits)
+    summary = run_longitudinal(out, variant, profile, spec, set_ or [], device)
+    typer.echo(longitudinal_table(summary, variant))
 
 
 @app.command("demo")

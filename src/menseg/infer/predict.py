@@ -10,10 +10,20 @@ BraTS-MEN label map, remove tiny components, and write ``<case_id>.nii.gz``
 orientation equal the input's. Inputs are never written to; existing outputs
 are refused unless ``overwrite``. All outputs are checked before any work is
 done, so a refused run writes nothing.
+
+ISM models (:class:`menseg.ism.model.ISMNet`):
+
+- missing sequences: a case may lack some of the four sequences; a model trained with
+  modal fusion (``ism.modal``) segments it from the ones present (they are logged per case);
+  any other model refuses such cases before any work is done;
+- earlier visit: with ``prior`` (one earlier visit of the one case being predicted) and
+  ``gap_days``, the prior is preprocessed the same way, rigidly registered onto the current
+  case's preprocessed grid and fused by the model's temporal fusion (``ism.temporal``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +39,7 @@ from menseg.checkpoint import load_model
 from menseg.config import Config
 from menseg.data.io import nifti_ending, write_label
 from menseg.data.layouts import CaseFiles, discover_inputs
-from menseg.data.preprocess import invert, load_case, preprocess
+from menseg.data.preprocess import invert, load_case, preprocess, present_mask
 from menseg.data.validate import orientation_of, spacing_of
 from menseg.errors import MensegError
 from menseg.infer.postprocess import regions_to_labels, remove_small_components
@@ -99,20 +109,38 @@ def predict_case(
     case: CaseFiles,
     device: torch.device,
     mirror: bool | None = None,
+    *,
+    prior: CaseFiles | None = None,
+    gap_days: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict one case; returns ``(label (X, Y, Z) uint8, affine 4x4)`` in the input's grid.
 
-    The grid is the t1c file's (shape and voxel order as read); ``cfg`` supplies the
-    training spacing (``data.spacing``), patch (``train.patch_size``) and inference
-    settings (``infer``).
+    The grid is the reference file's (t1c, or the first sequence present; shape and voxel
+    order as read); ``cfg`` supplies the training spacing (``data.spacing``), patch
+    (``train.patch_size``) and inference settings (``infer``). ``prior``/``gap_days``: an
+    earlier visit and the days since it (temporal-fusion models only).
     """
+    from menseg.ism.model import ISMNet
+
     # The label (if the case has one) is not needed to predict: don't read it.
     image, _, affine = load_case(dataclasses.replace(case, label=None))
-    image_pp, _, props = preprocess(image, None, affine, cfg.data.spacing)
+    present = present_mask(case)
+    image_pp, _, props = preprocess(image, None, affine, cfg.data.spacing, present=present)
     del image
-    probs_pp = predict_probs(
-        model, torch.from_numpy(image_pp), cfg.train.patch_size, cfg.infer, device, mirror=mirror
-    )
+    x = torch.from_numpy(image_pp)
+    if prior is not None:
+        from menseg.ism.visits import prepare_prior
+
+        prior_pp, tf = prepare_prior(image_pp, {**props, "case_id": case.case_id}, prior, cfg.data.spacing,
+                                     seed=cfg.train.seed, channel=present.index(True))
+        log.info("%s: prior visit %s (%g days earlier) registered (rotation %.1f deg, shift %.1f mm)",
+                 case.case_id, prior.case_id, gap_days, tf.rotation_angle_deg,
+                 float(np.linalg.norm(tf.translation_mm)))
+        x = torch.cat([x, torch.from_numpy(prior_pp)])
+    ctx = (model.conditioned(present=present, gap_days=gap_days) if isinstance(model, ISMNet)
+           else contextlib.nullcontext())
+    with ctx:
+        probs_pp = predict_probs(model, x, cfg.train.patch_size, cfg.infer, device, mirror=mirror)
     probs = invert(probs_pp.numpy(), props, order=1)  # (3, X, Y, Z) on the input grid
     del probs_pp, image_pp
     label = regions_to_labels(probs, cfg.infer.threshold)
@@ -131,6 +159,8 @@ def predict(
     overlap: float | None = None,
     precision: str | None = None,
     progress: bool = True,
+    prior: str | os.PathLike | Sequence[str | os.PathLike] | CaseFiles | None = None,
+    gap_days: float | None = None,
 ) -> list[Path]:
     """Predict label maps for one case or a folder of cases.
 
@@ -148,6 +178,10 @@ def predict(
         overlap: sliding-window overlap in [0, 1); None uses the model's ``infer.overlap``.
         precision: ``fp32`` | ``bf16``; None uses the model's ``infer.precision``.
         progress: show a progress bar over cases.
+        prior: an earlier visit of the (single) input case: a case folder, its image files or
+            a :class:`~menseg.data.layouts.CaseFiles`; needs a model with temporal fusion
+            (``ism.temporal``) and ``gap_days``.
+        gap_days: days from the prior visit to the input case (``>= 0``).
 
     Returns:
         Paths written, in case order. Each label is uint8 ``(X, Y, Z)`` with the same
@@ -164,14 +198,16 @@ def predict(
     if isinstance(input, Sequence) and input and all(isinstance(c, CaseFiles) for c in input):
         cases = list(input)  # already discovered (e.g. a benchmark's test split)
     else:
-        cases = discover_inputs(input)  # type: ignore[arg-type]
+        cases = discover_inputs(input, allow_missing=True)  # type: ignore[arg-type]
     if not cases:
         where = input if isinstance(input, str | os.PathLike) else None
         raise MensegError("no cases found to predict", where)
+    prior_case = _prior_case(prior, gap_days, cases)
     outputs = output_paths(cases, output)
-    check_outputs(cases, outputs, [model_path], overwrite)
+    check_outputs(cases, outputs, [model_path, *(prior_case.files if prior_case else [])], overwrite)
 
     model, cfg = load_model(model_path, dev)
+    _check_model_fits(model, model_path, cases, prior_case)
     infer_changes = {k: v for k, v in (("overlap", overlap), ("precision", precision)) if v is not None}
     if infer_changes:
         cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **infer_changes))
@@ -187,8 +223,12 @@ def predict(
     )
     for case, out in bar:
         bar.set_postfix_str(case.case_id)
-        label, affine = predict_case(model, cfg, case, dev, mirror=use_mirror)
-        like = nib.load(str(case.images["t1c"]))
+        if case.missing:
+            log.warning("%s: predicting from %s only (missing %s)", case.case_id, ", ".join(case.present),
+                        ", ".join(case.missing))
+        label, affine = predict_case(model, cfg, case, dev, mirror=use_mirror, prior=prior_case,
+                                     gap_days=gap_days)
+        like = nib.load(str(case.reference))
         write_label(out, label, affine, like=like)
         log.info(
             "%s -> %s (%s, %s, %s mm)",
@@ -197,6 +237,47 @@ def predict(
         )
         written.append(out)
     return written
+
+
+def _prior_case(
+    prior: str | os.PathLike | Sequence[str | os.PathLike] | CaseFiles | None,
+    gap_days: float | None,
+    cases: Sequence[CaseFiles],
+) -> CaseFiles | None:
+    if prior is None:
+        if gap_days is not None:
+            raise MensegError("gap_days is only used with a prior visit (--prior)")
+        return None
+    if len(cases) != 1:
+        raise MensegError(f"a prior visit belongs to one case, but the input holds {len(cases)} cases")
+    if gap_days is None or not np.isfinite(gap_days) or gap_days < 0:
+        raise MensegError(f"a prior visit needs the days since it (--gap-days >= 0), got {gap_days}")
+    if isinstance(prior, CaseFiles):
+        found = [prior]
+    else:
+        found = discover_inputs(prior)  # type: ignore[arg-type]
+    if len(found) != 1:
+        raise MensegError(f"--prior must be one earlier visit, found {len(found)} cases",
+                          prior if isinstance(prior, str | os.PathLike) else None)
+    return found[0]
+
+
+def _check_model_fits(
+    model: torch.nn.Module, path: Path, cases: Sequence[CaseFiles], prior: CaseFiles | None
+) -> None:
+    """Refuse, before any work, inputs the model cannot use."""
+    from menseg.ism.model import ISMNet
+
+    stem = getattr(model, "stem", None) if isinstance(model, ISMNet) else None
+    partial = [c for c in cases if c.missing]
+    if partial and stem is None:
+        c = partial[0]
+        raise MensegError(
+            f"case '{c.case_id}' lacks {', '.join(c.missing)}; this model needs all four sequences "
+            "(train with ism.modal.enabled=true to predict from a subset)", path)
+    if prior is not None and not (isinstance(model, ISMNet) and model.temporal is not None):
+        raise MensegError("this model has no temporal fusion (ism.temporal); it cannot use a prior visit",
+                          path)
 
 
 __all__ = ["LABEL_ENDING", "check_outputs", "output_paths", "predict", "predict_case"]

@@ -32,7 +32,7 @@ from menseg.errors import MensegError
 from menseg.ism.modal import ModalFusionStem, names_from_presence
 from menseg.ism.spatial import FieldBatch, SpatialMixer
 from menseg.ism.temporal import TemporalFusion, temporal_forward
-from menseg.nets.unet import decode, encode, level_channels, n_levels
+from menseg.nets.unet import decode, encode, encode_from, level_channels, n_levels
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,39 @@ class ISMNet(nn.Module):
         # with xb None the partner's features are a's rolled along the batch, each computed with its
         # own sample's presence
         return self.mixer.mix_forward(self.net, xa, xb, field_batch, self._stem(present))
+
+    def visit_forward(
+        self,
+        x: Tensor,
+        x_prior: Tensor,
+        gap_days: Tensor,
+        has_prior: Tensor,
+        present: Tensor | None = None,
+        progression: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """Training forward on visit pairs, with optional temporal mixing (ISM part 3).
+
+        Both visits go through the encoder up to the temporal level ``L``. With ``progression``
+        (one ``(B, 1, ...)`` tensor per level ``0..L``, the local progression ``w`` of
+        :func:`menseg.ism.temporal.temporal_weight` on that level's grid; 1 = the current visit)
+        every level ``l <= L`` becomes the intermediate state ``(1 - w) f_prior + w f_cur``;
+        samples with ``w = 1`` everywhere keep their current features exactly. Then the prior's
+        level-``L`` features are fused into it (:class:`TemporalFusion`, gap ``gap_days`` per
+        sample, ``has_prior`` False = no fusion), the deeper levels are recomputed and decoded.
+        """
+        if self.temporal is None:
+            raise MensegError("visit_forward needs ism.temporal.enabled")
+        lv = self.temporal.cfg.level
+        stem = self._stem(present)
+        fa = encode(self.net, x, stem, stop=lv)  # type: ignore[arg-type]
+        fp = encode(self.net, x_prior, stem, stop=lv)  # type: ignore[arg-type]
+        if progression is not None:
+            if len(progression) < lv + 1:
+                raise MensegError(f"visit_forward needs a progression map on levels 0..{lv}")
+            fa = [(1 - w.to(a.dtype)) * p + w.to(a.dtype) * a
+                  for a, p, w in zip(fa, fp, progression[: lv + 1], strict=True)]
+        fused = self.temporal(fa[lv], fp[lv], gap_days, has_prior)
+        return decode(self.net, [*fa[:lv], fused, *encode_from(self.net, fused, lv)])  # type: ignore[arg-type]
 
     def describe(self) -> str:
         """One line naming the ISM parts, for logs."""

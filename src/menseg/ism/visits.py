@@ -388,6 +388,7 @@ def prepare_prior(
     spacing: Sequence[float],
     seed: int = 0,
     reg_cfg: RegistrationConfig | None = None,
+    channel: int = 0,
 ) -> tuple[np.ndarray, RigidTransform]:
     """The prior visit of a case being segmented, on that case's preprocessed grid.
 
@@ -401,6 +402,8 @@ def prepare_prior(
         current_props: its preprocessing record (``affine``, ``shape``; ``case_id`` optional).
         prior: files of the earlier visit.
         spacing: the target spacing (mm) the current case was preprocessed with.
+        channel: the sequence (``MODALITIES`` index) the visits are registered on; 0 = t1c, use
+            another when the current case lacks t1c.
 
     Returns:
         ``(prior_pp, transform)``: float32 ``(4, x, y, z)`` on the current grid (0 outside the
@@ -431,7 +434,7 @@ def prepare_prior(
         )
     prior_aff = np.asarray(prior_props["affine"], dtype=np.float64)
     transform = register_rigid(
-        prior_pp[0], prior_aff, cur[0], cur_aff,
+        prior_pp[channel], prior_aff, cur[channel], cur_aff,
         seed=visit_seed(seed, str(current_props.get("case_id", ""))), cfg=cfg,
     )
     out = resample_to_fixed(prior_pp, prior_aff, transform, cur.shape[1:], cur_aff, order=1)

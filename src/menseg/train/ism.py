@@ -9,7 +9,19 @@ like the rest of the trainer, so ISM runs replay bit for bit and resume exactly:
 - ``"ism-location"``, ``"ism-synthetic"`` (per sample): the partner patch of the ``location``
   source (another place of the same case, foreground with ``train.fg_oversample``) and of the
   ``synthetic`` source (a patch of a synthetic case from the run's synthetic pool);
-- ``"aug-partner"`` (per sample): the partner patch's own augmentation.
+- ``"aug-partner"`` (per sample): the partner patch's own augmentation;
+- ``"ism-temporal"`` (per step): on visit pairs, which samples become an intermediate disease
+  state, where on the way (``s``) and with which field.
+
+On the longitudinal layout with ``ism.temporal`` on, a step draws visit pairs
+(:class:`menseg.ism.visits.PairSampler`; current and registered prior patch at one place) and
+:class:`VisitStep` replaces :class:`ISMStep`: the pair is augmented as one 8-channel image with
+one spatial transform (the two labels packed as ``current + 4 * prior``, nearest-resampled
+together), the prior is fused at ``ism.temporal.level``, and with probability ``ism.temporal.p_mix``
+a sample with a prior becomes an intermediate state between its two visits (features blended with
+the local progression ``w(p, t)``, labels interpolated through signed distances with the same
+``w`` on the label grid; the prior is then fused with the gap ``s * gap``). Spatial mixing does not
+run on visit steps.
 
 Partners are cut and augmented only for the samples that use them. The synthetic pool is
 ``ism.n_synthetic`` cases from the synthetic engine's default (procedural) appearance model,
@@ -158,4 +170,72 @@ class ISMStep:
         return out, mix_targets(ya, yb, lam), stats
 
 
-__all__ = ["ISMStep", "synthetic_pool"]
+def pack_pair(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A visit-pair batch as the trainer's ``(image, label, meta)``: image ``(B, 8, ...)`` =
+    ``[current, prior]``, label ``current + 4 * prior`` (uint8), meta ``(B, 2)`` float64 =
+    ``[has_prior, gap_days]``."""
+    image = np.concatenate([batch["image"], batch["prior_image"]], axis=1)
+    label = (batch["label"].astype(np.uint8) + 4 * batch["prior_label"].astype(np.uint8)).astype(np.uint8)
+    meta = np.stack([batch["has_prior"].astype(np.float64), batch["gap_days"].astype(np.float64)], axis=1)
+    return image, label, meta
+
+
+@dataclass
+class VisitStep:
+    """The ISM part of one training step on visit pairs (:func:`pack_pair` batches)."""
+
+    cfg: Config
+    model: ISMNet
+
+    def forward(
+        self, step: int, img: Tensor, packed: Tensor, meta: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """``(outputs, integer targets, stats)`` for an augmented packed pair batch."""
+        from menseg.ism.fields import grid_points, sample_field
+        from menseg.ism.temporal import interpolate_labels, temporal_weight
+        from menseg.nets.unet import level_strides
+
+        ism, seed = self.cfg.ism, self.cfg.train.seed
+        bsz, patch = img.shape[0], tuple(int(v) for v in img.shape[2:])
+        cur, prior = img[:, :4], img[:, 4:]
+        lab, prior_lab = packed % 4, packed // 4
+        has_prior = meta[:, 0] > 0.5
+        gap = meta[:, 1].to(torch.float32)
+        present = None
+        stats: dict[str, float] = {"ism_with_prior": float(has_prior.sum())}
+        if ism.modal.enabled:
+            g = torch.Generator().manual_seed(derive_seed(seed, "ism-modal", step))
+            present = sample_presence(g, bsz, ism.modal).to(img.device)
+        g = torch.Generator().manual_seed(derive_seed(seed, "ism-temporal", step))
+        draws = torch.rand(bsz, 2, generator=g, dtype=torch.float64).tolist()
+        field_seeds = [int(torch.randint(0, 2**62, (), generator=g)) for _ in range(bsz)]
+        mixed = [bool(has_prior[b]) and draws[b][0] < ism.temporal.p_mix for b in range(bsz)]
+        stats["ism_temporal_mixed"] = float(sum(mixed))
+        if not any(mixed):
+            return self.model.visit_forward(cur, prior, gap, has_prior, present), lab, stats
+        spacing = self.cfg.data.spacing
+        strides = level_strides(self.model.net)[: ism.temporal.level + 1]  # type: ignore[arg-type]
+        maps = [[] for _ in strides]  # per level, per sample
+        target = lab.clone()
+        fusion_gap = gap.clone()
+        for b in range(bsz):
+            if not mixed[b]:
+                for lv, st in enumerate(strides):
+                    maps[lv].append(torch.ones(1, *(p // s for p, s in zip(patch, st, strict=True))))
+                continue
+            s = float(draws[b][1])
+            fg = torch.Generator().manual_seed(field_seeds[b])
+            fld = sample_field(fg, ism.spatial.field, patch, spacing)
+            t0, t1 = -float(gap[b]), 0.0
+            for lv, st in enumerate(strides):
+                pts = grid_points(patch, spacing, stride=st)
+                maps[lv].append(temporal_weight(fld, pts, t0, t1, s)[None])
+            w_full = temporal_weight(fld, grid_points(patch, spacing), t0, t1, s)
+            target[b] = interpolate_labels(prior_lab[b], lab[b], w_full, spacing)
+            fusion_gap[b] = s * gap[b]
+        progression = [torch.stack(m).to(img.device) for m in maps]
+        out = self.model.visit_forward(cur, prior, fusion_gap, has_prior, present, progression)
+        return out, target, stats
+
+
+__all__ = ["ISMStep", "VisitStep", "pack_pair", "synthetic_pool"]

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,27 @@ class StepBatches(torch.utils.data.Dataset):
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
 
 
+class PairBatches(torch.utils.data.Dataset):
+    """Like :class:`StepBatches` for visit pairs: item ``t`` is
+    :func:`menseg.train.ism.pack_pair` of the pair sampler's batch of step ``t``."""
+
+    def __init__(self, sampler: Any, batch_size: int, seed: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from menseg.train.ism import pack_pair
+
+        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
+        return pack_pair(self.sampler.batch(rng, self.batch_size))
+
+
 def _iter_batches(
-    ds: StepBatches, start: int, stop: int, num_workers: int, pin: bool
+    ds: StepBatches | PairBatches, start: int, stop: int, num_workers: int, pin: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     if num_workers <= 0:
         for t in range(start, stop):
@@ -150,6 +170,15 @@ def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> Non
         )
     for k in changed:
         log.warning("resuming with %s changed: %r -> %r", k, then.get(k), now.get(k))
+
+
+def _is_longitudinal(root: str) -> bool:
+    from menseg.data.layouts import detect_layout
+
+    try:
+        return detect_layout(root) == "longitudinal"
+    except MensegError:
+        return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -205,6 +234,39 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
     pre = preprocess_dataset(cases, cache, cfg.data.spacing)
     by_id = {p.case_id: p for p in pre}
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+@dataclass(frozen=True)
+class _Visit:
+    """A visit as :func:`validate` reads it (single-visit validation)."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+
+
+def _load_visits(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
+    """Longitudinal data for temporal fusion: ``(train visit pairs, validation visits)``.
+
+    The validation split is drawn over *patients* (``data.val_cases`` may name patients), so no
+    patient is both trained and validated on; validation runs on single visits.
+    """
+    from menseg.ism.visits import load_visit_pairs
+
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
+    pairs = load_visit_pairs(cfg.data.root, cfg.data.spacing, cache, cases=cfg.data.cases,
+                             seed=cfg.train.seed)  # type: ignore[arg-type]
+    patients = sorted({p.patient for p in pairs})
+    if len(patients) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
+        raise MensegError(f"need at least 2 patients (training + validation), found {len(patients)}",
+                          cfg.data.root)
+    train_p, val_p = split_cases(patients, cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed)
+    train = [p for p in pairs if p.patient in set(train_p)]
+    val = [_Visit(p.case_id, p.image, p.label) for p in pairs if p.patient in set(val_p)]
+    log.info("longitudinal data: %d training visits (%d with an earlier visit) of %d patients, "
+             "%d validation visits of patients %s", len(train), sum(p.has_prior for p in train),
+             len(train_p), len(val), ", ".join(val_p))
+    return train, val
 
 
 def validate(
@@ -288,15 +350,26 @@ def train(
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    train_cases, val_cases = _load_data(cfg, out)
+    visits = bool(cfg.ism.temporal.enabled and cfg.data.root and _is_longitudinal(cfg.data.root))
+    if visits:
+        from menseg.ism.visits import PairSampler
+
+        train_cases, val_cases = _load_visits(cfg, out)
+        pair_sampler = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
+    else:
+        train_cases, val_cases = _load_data(cfg, out)
     sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size, tc.fg_oversample)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(tc.seed, "init"))
         model = build_model(cfg)
     model.to(device)
-    ism_step = None
-    if isinstance(model, ISMNet) and (cfg.ism.spatial.enabled or cfg.ism.modal.enabled):
+    ism_step: Any = None
+    if visits:
+        from menseg.train.ism import VisitStep
+
+        ism_step = VisitStep(cfg, model)  # type: ignore[arg-type]
+    elif isinstance(model, ISMNet) and (cfg.ism.spatial.enabled or cfg.ism.modal.enabled):
         from menseg.train.ism import ISMStep, synthetic_pool
 
         syn = None
@@ -347,7 +420,8 @@ def train(
             "val_cases": [c.case_id for c in val_cases],
         }
 
-    ds = StepBatches(sampler, tc.batch_size, tc.seed)
+    ds: StepBatches | PairBatches = (PairBatches(pair_sampler, tc.batch_size, tc.seed) if visits
+                                     else StepBatches(sampler, tc.batch_size, tc.seed))
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
     from tqdm.auto import tqdm
@@ -357,7 +431,7 @@ def train(
     t0 = time.perf_counter() - elapsed
     model.train()
     with open(metrics_path, "a") as mf:
-        for step, (img, lab, cases) in zip(range(start, end), batches, strict=True):
+        for step, (img, lab, meta) in zip(range(start, end), batches, strict=True):
             torch.manual_seed(derive_seed(tc.seed, "step", step))  # dropout etc.
             img = img.to(device, non_blocking=True)
             lab = lab.to(device, non_blocking=True)
@@ -372,7 +446,8 @@ def train(
             stats: dict[str, float] = {}
             with ctx:
                 if ism_step is not None:
-                    outputs, target, stats = ism_step.forward(step, img, lab, cases.tolist())
+                    outputs, target, stats = ism_step.forward(
+                        step, img, lab, meta.to(device) if visits else meta.tolist())
                 else:
                     outputs, target = model(img), lab
             loss = loss_fn(outputs, target)
@@ -417,4 +492,4 @@ def train(
     return out
 
 
-__all__ = ["StepBatches", "poly_lr", "split_cases", "train", "validate"]
+__all__ = ["PairBatches", "StepBatches", "poly_lr", "split_cases", "train", "validate"]

@@ -1,0 +1,342 @@
+"""ISM evidence beyond the learning curve: missing sequences and earlier visits.
+
+``menseg bench missing --out BENCH``: for the finished runs of a data-efficiency benchmark
+(``menseg bench efficiency``), predict the fixed test split with each single sequence dropped,
+and score lesion-wise Dice per region. A model with modal fusion (``ism.modal``) is told which
+sequence is missing; a model without it cannot be, so the missing channel is filled with 0 (the
+mean of the z-scored sequence: what one does to run a four-channel network on three). Scores are
+on the preprocessed grid (the network's own), against the preprocessed reference label, after the
+same thresholding and small-component removal as ``menseg predict``.
+
+``menseg bench longitudinal --out DIR``: a synthetic longitudinal cohort (the embedded site's MR
+model, 3 visits per patient, growth and pose change between visits) is generated once; a model is
+trained on the visits of the training patients (visit pairs when it has temporal fusion), and the
+last visit of every test patient is predicted through ``menseg predict`` twice: alone, and with
+the previous visit as ``--prior`` (registered, fused). Lesion-wise Dice in the case's own space.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from menseg.constants import MODALITIES, REGION_NAMES
+from menseg.errors import MensegError
+from menseg.utils import derive_seed, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+#: Conditions of the missing-sequence test: nothing dropped, then each sequence alone.
+DROPS: tuple[str, ...] = ("none", *MODALITIES)
+
+
+def _finished_runs(
+    bench: Path, variants: Sequence[str], labeled: int | None
+) -> tuple[int, list[dict[str, Any]]]:
+    runs = []
+    for rj in sorted(bench.glob("runs/*/n*/seed*/run.json")):
+        d = json.loads(rj.read_text())
+        d["_dir"] = rj.parent
+        runs.append(d)
+    if not runs:
+        raise MensegError("no finished benchmark runs (runs/*/n*/seed*/run.json)", bench)
+    names = set(variants)
+    ns = sorted({r["n_labeled"] for r in runs if r["variant"] in names})
+    if not ns:
+        raise MensegError(f"no finished runs of variants {', '.join(variants)}", bench)
+    n = labeled if labeled is not None else ns[-1]
+    chosen = [r for r in runs if r["variant"] in names and r["n_labeled"] == n]
+    if not chosen:
+        raise MensegError(f"no finished runs with N = {n} (have {', '.join(map(str, ns))})", bench)
+    return n, chosen
+
+
+def _test_cases(bench: Path, root: Path) -> list[Any]:
+    from menseg.data.layouts import discover_cases
+
+    ids = json.loads((bench / "bench.json").read_text())["test"]
+    found = {}
+    for folder in (root, root.parent / "test"):
+        if folder.is_dir():
+            for c in discover_cases(folder):
+                found.setdefault(c.case_id, c)
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise MensegError(f"test case '{missing[0]}' not found next to {root}", bench)
+    return [found[i] for i in ids]
+
+
+def _score(label: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+    from menseg.evaluate.metrics import lesion_wise, region_masks
+
+    pm, rm = region_masks(label), region_masks(ref)
+    return {
+        f"{r}_lesion_dice": float(lesion_wise(pm[r], rm[r], spacing)["lesion_dice"]) for r in REGION_NAMES
+    }
+
+
+def run_missing(
+    bench: str | Path,
+    variants: Sequence[str] = ("baseline", "ism"),
+    labeled: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Dice with each sequence dropped, for every finished run of ``variants`` at one N.
+
+    Writes ``BENCH/missing/missing.csv`` (one row per variant, seed, dropped sequence and test
+    case) and ``missing.md`` (mean +- std over seeds of the test-set mean); returns the folder.
+    """
+    from tqdm.auto import tqdm
+
+    from menseg.checkpoint import load_model
+    from menseg.data.dataset import preprocess_dataset
+    from menseg.infer.postprocess import regions_to_labels, remove_small_components
+    from menseg.infer.sliding import predict_probs, resolve_device
+    from menseg.ism.model import ISMNet
+
+    bench = Path(bench)
+    if not (bench / "bench.json").is_file():
+        raise MensegError("not a benchmark folder (no bench.json); run menseg bench efficiency first", bench)
+    n, runs = _finished_runs(bench, variants, labeled)
+    dev = resolve_device(device)
+    out = bench / "missing"
+    out.mkdir(exist_ok=True)
+    root = Path(runs[0]["config"]["data.root"])
+    spacing = [float(s) for s in runs[0]["config"]["data.spacing"]]
+    cases = preprocess_dataset(_test_cases(bench, root), out / "preprocessed", spacing)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(runs) * len(DROPS) * len(cases), desc="missing sequences", unit="case", disable=not progress
+    )
+    for run in runs:
+        model, cfg = load_model(run["_dir"] / "train" / "latest.pt", dev)
+        modal = isinstance(model, ISMNet) and model.stem is not None
+        for drop in DROPS:
+            present = [m != drop for m in MODALITIES]
+            for case in cases:
+                x = torch.from_numpy(np.array(case.image, dtype=np.float32))
+                if drop != "none":
+                    x[MODALITIES.index(drop)] = 0.0
+                if isinstance(model, ISMNet):
+                    with model.conditioned(present=present if modal else None):
+                        probs = predict_probs(model, x, cfg.train.patch_size, cfg.infer, dev, mirror=False)
+                else:
+                    probs = predict_probs(model, x, cfg.train.patch_size, cfg.infer, dev, mirror=False)
+                label = regions_to_labels(probs.numpy(), cfg.infer.threshold)
+                label = remove_small_components(label, case.spacing, cfg.infer.min_component_mm3)
+                rows.append(
+                    {
+                        "variant": run["variant"],
+                        "seed": run["seed"],
+                        "dropped": drop,
+                        "case": case.case_id,
+                        "modal_fusion": modal,
+                        **_score(label, np.asarray(case.label), case.spacing),
+                    }
+                )
+                bar.update(1)
+    bar.close()
+    keys = list(rows[0])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out / "missing.csv", buf.getvalue())
+    table = missing_table(rows, n)
+    write_text_atomic(out / "missing.md", table)
+    log.info("missing-sequence results in %s", out)
+    return out
+
+
+def missing_table(rows: Sequence[dict[str, Any]], n: int) -> str:
+    """Markdown table: per variant and dropped sequence, mean +- std over seeds of the test-set
+    mean lesion-wise Dice per region."""
+    lines = [
+        f"Lesion-wise Dice with one sequence dropped at prediction (N = {n} labelled cases; "
+        "mean ± std over seeds of the test-set mean)",
+        "",
+        "| variant | dropped | " + " | ".join(REGION_NAMES) + " |",
+        "|---|---|" + "---|" * len(REGION_NAMES),
+    ]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for v in variants:
+        for drop in DROPS:
+            sub = [r for r in rows if r["variant"] == v and r["dropped"] == drop]
+            if not sub:
+                continue
+            cells = []
+            for reg in REGION_NAMES:
+                seeds = sorted({r["seed"] for r in sub})
+                means = [np.mean([r[f"{reg}_lesion_dice"] for r in sub if r["seed"] == s]) for s in seeds]
+                cells.append(f"{np.mean(means):.3f} ± {np.std(means):.3f}")
+            lines.append(f"| {v} | {drop} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- longitudinal
+
+
+@dataclasses.dataclass(frozen=True)
+class LongitudinalSpec:
+    """The synthetic longitudinal cohort and the training budget of ``menseg bench longitudinal``."""
+
+    n_train: int = 6  #: training patients (all their visits are labelled)
+    n_test: int = 6  #: test patients (the last visit is scored)
+    visits: int = 3
+    spacing_mm: float = 2.0
+    site: str = "site-a"
+    seed: int = 0
+
+
+def longitudinal_cohort(out: Path, spec: LongitudinalSpec) -> Path:
+    """``out/cohort`` (train/ and test/ in the longitudinal layout), generated on first use."""
+    import shutil
+
+    from menseg.synth.engine import SynthConfig, synth_dataset, with_spacing
+
+    folder = out / "cohort"
+    key = dataclasses.asdict(spec)
+    done = folder / "cohort.json"
+    if done.is_file():
+        if json.loads(done.read_text()) != key:
+            raise MensegError(
+                "the cohort in this folder was made with other settings; use a new --out", folder
+            )
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = dataclasses.replace(with_spacing(SynthConfig(), spec.spacing_mm), site=spec.site)
+    for i, (sub, n) in enumerate((("train", spec.n_train), ("test", spec.n_test))):
+        synth_dataset(
+            folder / sub,
+            n,
+            "longitudinal",
+            seed=derive_seed(spec.seed, "longitudinal", i),
+            cfg=cfg,
+            visits=spec.visits,
+            device="cpu",
+            prefix=f"LONG-{sub.upper()}",
+        )
+    write_json_atomic(done, key)
+    return folder
+
+
+def run_longitudinal(
+    out: str | Path,
+    variant: str = "ism",
+    profile: str = "quick",
+    spec: LongitudinalSpec | None = None,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``variant`` on the cohort's training patients, score the test patients' last visits
+    with and without the previous visit as prior; writes ``out/longitudinal.json`` and ``.md``."""
+    from menseg.bench.efficiency import load_profile
+    from menseg.config import load_config
+    from menseg.data.layouts import discover_series
+    from menseg.evaluate.runner import evaluate_pairs
+    from menseg.infer.predict import predict
+    from menseg.train.trainer import train
+
+    spec = spec or LongitudinalSpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = longitudinal_cohort(out, spec)
+    prof = load_profile(profile)
+    sets = prof.overrides()
+    run_dir = out / "train" / Path(variant).stem
+    cfg = load_config(
+        variant,
+        [
+            *sets,
+            f"data.root={cohort / 'train'}",
+            f"out_dir={run_dir}",
+            "data.val_fraction=0",
+            f"train.device={device}",
+            *overrides,
+        ],
+    )
+    resume = (run_dir / "latest.pt").is_file()
+    train(cfg, resume=resume, progress=progress)
+    ckpt = run_dir / "latest.pt"
+    series = discover_series(cohort / "test")
+    for mode in ("without_prior", "with_prior"):
+        pred_dir = out / "predictions" / Path(variant).stem / mode
+        pairs = {}
+        for _patient, visits in series.items():
+            (prev, d0), (last, d1) = visits[-2], visits[-1]
+            target = pred_dir / f"{last.case_id}.nii.gz"
+            if not target.is_file():
+                kw = {"prior": prev, "gap_days": float(d1 - d0)} if mode == "with_prior" else {}
+                predict(
+                    ckpt,
+                    [dataclasses.replace(last, label=None)],
+                    pred_dir,
+                    device=device,
+                    progress=False,
+                    **kw,
+                )
+            pairs[last.case_id] = (target, last.label)
+        evaluate_pairs(pairs, out / "evaluation" / Path(variant).stem / mode, progress=False)
+    summary = _longitudinal_summary(out / "evaluation" / Path(variant).stem)
+    write_json_atomic(
+        out / f"longitudinal-{Path(variant).stem}.json",
+        {"spec": dataclasses.asdict(spec), "variant": variant, "profile": profile, "summary": summary},
+    )
+    write_text_atomic(out / f"longitudinal-{Path(variant).stem}.md", longitudinal_table(summary, variant))
+    return summary
+
+
+def _longitudinal_summary(eval_root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ("without_prior", "with_prior"):
+        with open(eval_root / mode / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        out[mode] = {
+            "n": len(rows),
+            **{
+                f"{r}_lesion_dice": float(np.mean([float(x[f"{r}_lesion_dice"]) for x in rows]))
+                for r in REGION_NAMES
+            },
+            "per_case": {x["case_id"]: {r: float(x[f"{r}_lesion_dice"]) for r in REGION_NAMES} for x in rows},
+        }
+    return out
+
+
+def longitudinal_table(summary: dict[str, Any], variant: str) -> str:
+    """Markdown table of :func:`run_longitudinal`'s summary."""
+    lines = [
+        f"Last-visit lesion-wise Dice, {variant}, with and without the previous visit as prior",
+        "",
+        "| prediction | cases | " + " | ".join(REGION_NAMES) + " |",
+        "|---|---|" + "---|" * len(REGION_NAMES),
+    ]
+    for mode in ("without_prior", "with_prior"):
+        s = summary[mode]
+        lines.append(
+            f"| {mode.replace('_', ' ')} | {s['n']} | "
+            + " | ".join(f"{s[f'{r}_lesion_dice']:.3f}" for r in REGION_NAMES)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "DROPS",
+    "LongitudinalSpec",
+    "longitudinal_cohort",
+    "longitudinal_table",
+    "missing_table",
+    "run_longitudinal",
+    "run_missing",
+]

@@ -1,0 +1,88 @@
+"""ISM evidence commands: `menseg bench missing` and `menseg bench longitudinal` on micro budgets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from menseg.bench.ism import DROPS, LongitudinalSpec, missing_table, run_longitudinal, run_missing
+from menseg.errors import MensegError
+
+MICRO_BUDGET = {
+    "data.spacing": [4.0, 4.0, 4.0], "model.filters": [4, 8, 16], "model.deep_supr_num": 1,
+    "train.steps": 2, "train.batch_size": 2, "train.patch_size": [16, 16, 16],
+    "train.checkpoint_every": 1, "infer.overlap": 0.0,
+}
+TINY_ISM = {"name": "tinyism", "ism": {
+    "spatial": {"enabled": True, "levels": [1], "sources": ["batch", "location"], "p": 1.0},
+    "modal": {"enabled": True}, "temporal": {"enabled": True, "level": 1}}}
+
+
+def _profile(tmp: Path) -> Path:
+    spec = {"site": "site-a", "spacing_mm": 4.0, "n_pool": 2, "n_test": 2, "n_unlabeled": 0, "seed": 0}
+    path = tmp / "micro.yaml"
+    path.write_text(yaml.safe_dump({"name": "micro", "description": "test", "labeled": [2], "seeds": 1,
+                                    "cohort": spec, "budget": MICRO_BUDGET}))
+    return path
+
+
+def _ism_variant(tmp: Path) -> Path:
+    path = tmp / "tinyism.yaml"
+    path.write_text(yaml.safe_dump(TINY_ISM))
+    return path
+
+
+def test_missing_table_means_over_seeds() -> None:
+    scores = ((0, "a", 0.2), (0, "b", 0.4), (1, "a", 0.6), (1, "b", 0.8))
+    rows = [{"variant": "v", "seed": s, "dropped": "none", "case": c, "ET_lesion_dice": d,
+             "TC_lesion_dice": d, "WT_lesion_dice": d} for s, c, d in scores]
+    table = missing_table(rows, 3)
+    # seed means 0.3 and 0.7 -> 0.5 +- 0.2
+    assert "| v | none | 0.500 ± 0.200 | 0.500 ± 0.200 | 0.500 ± 0.200 |" in table
+    assert "N = 3" in table
+
+
+def test_bench_missing_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    r = subprocess.run(
+        [sys.executable, "-m", "menseg", "bench", "efficiency", "--out", str(out), "--profile",
+         str(_profile(tmp_path)), "--variants", f"baseline,{_ism_variant(tmp_path)}", "--device", "cpu",
+         "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "menseg", "bench", "missing", "--out", str(out), "--variants",
+                        "baseline,tinyism", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| tinyism | t2f |" in r.stdout and "| baseline | t1c |" in r.stdout
+    with open(out / "missing" / "missing.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(DROPS) * 2  # variants x conditions x test cases
+    assert {r["modal_fusion"] for r in rows if r["variant"] == "tinyism"} == {"True"}
+    assert {r["modal_fusion"] for r in rows if r["variant"] == "baseline"} == {"False"}
+    assert all(0.0 <= float(r["WT_lesion_dice"]) <= 1.0 for r in rows)
+    with pytest.raises(MensegError, match="no finished runs"):
+        run_missing(out, ["nosuch"], progress=False)
+    with pytest.raises(MensegError, match="not a benchmark folder"):
+        run_missing(tmp_path, progress=False)
+
+
+def test_bench_longitudinal(tmp_path: Path) -> None:
+    spec = LongitudinalSpec(n_train=2, n_test=1, visits=2, spacing_mm=4.0)
+    variant = _ism_variant(tmp_path)
+    summary = run_longitudinal(tmp_path / "long", str(variant), str(_profile(tmp_path)), spec, device="cpu",
+                               progress=False)
+    assert summary["with_prior"]["n"] == summary["without_prior"]["n"] == 1
+    saved = json.loads((tmp_path / "long" / "longitudinal-tinyism.json").read_text())
+    assert saved["summary"]["with_prior"]["n"] == 1
+    assert "with prior" in (tmp_path / "long" / "longitudinal-tinyism.md").read_text()
+    pairs = list((tmp_path / "long" / "train" / "tinyism" / "preprocessed" / "pairs").glob("*.json"))
+    assert len(pairs) == 2  # the second visit of each training patient
+    with pytest.raises(MensegError, match="other settings"):
+        run_longitudinal(tmp_path / "long", str(variant), str(_profile(tmp_path)),
+                         LongitudinalSpec(n_train=3, n_test=1, visits=2, spacing_mm=4.0), device="cpu",
+                         progress=False)

@@ -1,0 +1,223 @@
+"""ISM end to end: the model wrapper, training with mixing / sequence dropout / visit pairs,
+replay and resume, prediction with missing sequences and with a prior visit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from menseg.checkpoint import load_checkpoint, load_model
+from menseg.config import Config, load_config
+from menseg.data.phantom import write_phantom_dataset
+from menseg.errors import MensegError
+from menseg.infer.predict import predict
+from menseg.ism.model import ISMNet, build_model
+from menseg.train.losses import RegionDiceBCELoss, labels_to_regions
+from menseg.train.trainer import train
+
+TINY = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16,16,16]",
+        "train.batch_size=2", "train.val_every=100", "train.checkpoint_every=2", "train.seed=5",
+        "infer.overlap=0.25", "infer.min_component_mm3=0", "data.val_fraction=0",
+        "ism.spatial.levels=[1]", "ism.temporal.level=1", "ism.spatial.p=1.0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ism-phantoms")
+    write_phantom_dataset(root / "data", n_cases=3, shape=(32, 32, 32), seed=2)
+    return root
+
+
+def _cfg(data: Path, out: Path, *extra: str, steps: int = 4) -> Config:
+    return load_config("ism", [f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}", f"out_dir={out}",
+                               f"train.steps={steps}", *TINY, "ism.spatial.sources=[batch,location]", *extra])
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "latest.pt")["model"]
+
+
+# ---------------------------------------------------------------- the model
+
+
+def test_build_model_plain_without_ism_and_identity_in_eval(data: Path, tmp_path: Path) -> None:
+    base = load_config("baseline", [*TINY])
+    assert not isinstance(build_model(base), ISMNet)
+    cfg = load_config("ism", [*TINY, "ism.modal.enabled=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, ISMNet) and model.stem is None and model.mixer is not None
+    model.eval()
+    x = torch.randn(2, 4, 16, 16, 16)
+    # spatial mixing is training-only: the eval forward is the plain DynUNet, bit for bit
+    assert torch.equal(model(x), model.net(x))
+
+
+def test_gate_closed_temporal_fusion_is_the_single_visit_network() -> None:
+    cfg = load_config("ism", [*TINY])
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    assert isinstance(model, ISMNet) and model.temporal is not None
+    x, prior = torch.randn(1, 4, 16, 16, 16), torch.randn(1, 4, 16, 16, 16)
+    single = model(x)
+    with model.conditioned(gap_days=180.0):
+        assert torch.equal(model(torch.cat([x, prior], 1)), single)  # fresh gate: alpha = 0
+        with torch.no_grad():
+            model.temporal.alpha.fill_(0.5)
+        assert not torch.allclose(model(torch.cat([x, prior], 1)), single)
+    with pytest.raises(MensegError, match="gap"):
+        model(torch.cat([x, prior], 1))
+
+
+def test_missing_sequence_refused_without_modal_fusion() -> None:
+    cfg = load_config("ism", [*TINY, "ism.modal.enabled=false"])
+    model = build_model(cfg)
+    assert isinstance(model, ISMNet)
+    with pytest.raises(MensegError, match="t2f"), model.conditioned(present=[True, True, False, True]):
+        pass
+
+
+def test_soft_targets_equal_hard_targets_for_one_hot_regions() -> None:
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (2, 8, 8, 8), generator=g)
+    logits = torch.randn(2, 2, 3, 8, 8, 8, generator=g)
+    loss = RegionDiceBCELoss()
+    torch.testing.assert_close(loss(logits, labels_to_regions(label)), loss(logits, label))
+    with pytest.raises(ValueError, match="soft targets"):
+        loss(logits, torch.rand(2, 2, 8, 8, 8))
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_ism_training_replays_and_resumes_bit_exactly(data: Path, tmp_path: Path) -> None:
+    a = train(_cfg(data, tmp_path / "a"), progress=False)
+    b = train(_cfg(data, tmp_path / "b"), progress=False)
+    wa, wb = _weights(a), _weights(b)
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(k.startswith("stem.") for k in wa) and any(k.startswith("mixer.") for k in wa)
+    recs = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ism_mixed"] == 2.0 for r in recs)  # p = 1: every sample mixed
+    # killed after 2 steps, resumed: the same weights as the uninterrupted run
+    c_cfg = _cfg(data, tmp_path / "c")
+    train(c_cfg, stop_at=2, progress=False)
+    c = train(c_cfg, resume=True, progress=False)
+    wc = _weights(c)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    # a different seed trains differently
+    d = _weights(train(_cfg(data, tmp_path / "d", "train.seed=6"), progress=False))
+    assert not all(torch.equal(wa[k], d[k]) for k in wa)
+
+
+def test_mixing_changes_training_and_p0_is_plain(data: Path, tmp_path: Path) -> None:
+    plain = _cfg(data, tmp_path / "p0", "ism.spatial.p=0.0", "ism.modal.p_drop=0.0")
+    run = train(plain, progress=False)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ism_mixed"] == 0.0 and r["ism_dropped"] == 0.0 for r in recs)
+    mixed = train(_cfg(data, tmp_path / "p1"), progress=False)
+    w0, w1 = _weights(run), _weights(mixed)
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("net."))
+
+
+def test_synthetic_partner_pool(data: Path, tmp_path: Path) -> None:
+    cfg = load_config("ism", [
+        f"data={data / 'data'}", f"out_dir={tmp_path / 'syn'}", "train.steps=2", *TINY,
+        "data.spacing=[3,3,3]", "train.patch_size=[8,8,8]", "ism.spatial.sources=[synthetic]",
+        "ism.n_synthetic=1", "ism.modal.enabled=false"])
+    run = train(cfg, progress=False)
+    assert (run / "ism-synthetic" / "done.json").is_file()
+    assert len(list((run / "ism-synthetic" / "cases").iterdir())) == 1
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["ism_mixed"] == 2.0
+
+
+# ---------------------------------------------------------------- prediction
+
+
+@pytest.fixture(scope="module")
+def modal_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("modal") / "run"
+    return train(_cfg(data, out, "ism.spatial.enabled=false"), progress=False)
+
+
+def _case_without(data: Path, tmp_path: Path, drop: tuple[str, ...]) -> Path:
+    src = sorted((data / "data").iterdir())[0]
+    dst = tmp_path / "in" / src.name
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        if any(f.name.endswith(f"-{m}.nii.gz") for m in drop) or f.name.endswith("-seg.nii.gz"):
+            f.unlink()
+    return dst
+
+
+@pytest.mark.parametrize("drop", [("t2f",), ("t1c", "t1n", "t2w")])
+def test_predict_with_missing_sequences(modal_run: Path, data: Path, tmp_path: Path, drop: tuple[str, ...],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    case = _case_without(data, tmp_path, drop)
+    with caplog.at_level(logging.WARNING, logger="menseg.infer.predict"):
+        out = predict(modal_run / "latest.pt", case, tmp_path / "out", progress=False)
+    assert len(out) == 1 and out[0].is_file()
+    ref = next(f for f in case.iterdir())
+    assert nib.load(str(out[0])).shape == nib.load(str(ref)).shape
+    assert "missing " + ", ".join(drop) in caplog.text
+
+
+def test_predict_missing_sequence_refused_by_baseline(data: Path, tmp_path: Path) -> None:
+    cfg = load_config("baseline", [f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}",
+                                   f"out_dir={tmp_path / 'base'}", "train.steps=1", *TINY])
+    run = train(cfg, progress=False)
+    case = _case_without(data, tmp_path, ("t2w",))
+    with pytest.raises(MensegError, match="lacks t2w.*ism.modal"):
+        predict(run / "latest.pt", case, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_prior_needs_temporal_model_and_gap(modal_run: Path, data: Path, tmp_path: Path) -> None:
+    cases = sorted((data / "data").iterdir())
+    with pytest.raises(MensegError, match="gap"):
+        predict(modal_run / "latest.pt", cases[0], tmp_path / "o", prior=cases[1], progress=False)
+    with pytest.raises(MensegError, match="one case"):
+        predict(modal_run / "latest.pt", data / "data", tmp_path / "o", prior=cases[1], gap_days=10,
+                progress=False)
+    model, _ = load_model(modal_run / "latest.pt")
+    assert isinstance(model, ISMNet) and model.temporal is not None
+
+
+# ---------------------------------------------------------------- longitudinal
+
+
+@pytest.fixture(scope="module")
+def longitudinal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from menseg.synth.engine import SynthConfig, synth_dataset, with_spacing
+
+    root = tmp_path_factory.mktemp("long") / "data"
+    synth_dataset(root, 3, "longitudinal", seed=1, cfg=with_spacing(SynthConfig(), 4.0), visits=2,
+                  device="cpu")
+    return root
+
+
+def test_longitudinal_training_and_prior_prediction(longitudinal: Path, tmp_path: Path) -> None:
+    cfg = load_config("ism", [f"data={longitudinal}", f"out_dir={tmp_path / 'run'}", "train.steps=3",
+                              *TINY, "data.spacing=[4,4,4]", "ism.temporal.p_mix=1.0",
+                              "data.val_fraction=0.34", "train.val_every=3"])
+    run = train(cfg, progress=False)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["ism_temporal_mixed"] for r in recs) >= 1  # visit pairs were mixed
+    assert "val_mean_dice" in recs[-1]
+    assert len(list((run / "preprocessed" / "pairs").glob("*.json"))) == 3  # one per later visit
+    patient = sorted(p for p in longitudinal.iterdir() if p.is_dir())[0]
+    days = json.loads((patient / "timepoints.json").read_text())
+    first, last = sorted(days, key=lambda c: days[c]["day"])
+    gap = days[last]["day"] - days[first]["day"]
+    with_prior = predict(run / "latest.pt", patient / last, tmp_path / "with.nii.gz", prior=patient / first,
+                         gap_days=gap, progress=False)
+    without = predict(run / "latest.pt", patient / last, tmp_path / "without.nii.gz", progress=False)
+    a, b = (np.asarray(nib.load(str(p[0])).dataobj) for p in (with_prior, without))
+    assert a.shape == b.shape
