@@ -143,11 +143,16 @@ class SpatialMixConfig:
     #: blended with the same field and the deeper levels recomputed from the deepest mixed level
     levels: tuple[int, ...] = (2,)
     sources: tuple[str, ...] = ISM_SOURCES  #: what the partner b can be (see :data:`ISM_SOURCES`)
+    #: probability that a ``location`` / ``synthetic`` partner patch is centred on tumour (else
+    #: anywhere): mixing then brings lesion from elsewhere into the patch instead of diluting it
+    partner_fg: float = 1.0
     field: FieldConfig = field(default_factory=FieldConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise MensegError(f"ism.spatial.p must be in [0, 1], got {self.p}")
+        if not 0.0 <= self.partner_fg <= 1.0:
+            raise MensegError(f"ism.spatial.partner_fg must be in [0, 1], got {self.partner_fg}")
         if not self.levels or min(self.levels) < 0:
             raise MensegError(f"ism.spatial.levels must be non-empty levels >= 0, got {list(self.levels)}")
         bad = [s for s in self.sources if s not in ISM_SOURCES]

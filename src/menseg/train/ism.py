@@ -7,8 +7,9 @@ like the rest of the trainer, so ISM runs replay bit for bit and resume exactly:
 - ``"ism-spatial"``: which samples are mixed, with which source and field
   (:func:`menseg.ism.spatial.sample_field_batch`);
 - ``"ism-location"``, ``"ism-synthetic"`` (per sample): the partner patch of the ``location``
-  source (another place of the same case, foreground with ``train.fg_oversample``) and of the
-  ``synthetic`` source (a patch of a synthetic case from the run's synthetic pool);
+  source (another place of the same case) and of the ``synthetic`` source (a patch of a
+  synthetic case from the run's synthetic pool), centred on tumour with probability
+  ``ism.spatial.partner_fg``;
 - ``"aug-partner"`` (per sample): the partner patch's own augmentation;
 - ``"ism-temporal"`` (per step): on visit pairs, which samples become an intermediate disease
   state, where on the way (``s``) and with which field.
@@ -97,20 +98,24 @@ class ISMStep:
     sampler: PatchSampler
     synthetic: PatchSampler | None = None
 
+    def _patch(
+        self, sampler: PatchSampler, case: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        image, label = sampler.cases[case]
+        fg = sampler.fg[case] if rng.random() < self.cfg.ism.spatial.partner_fg else None
+        start = choose_start(label.shape, sampler.patch_size, rng, fg)
+        return (crop_pad(image, start, sampler.patch_size).astype(np.float32, copy=False),
+                crop_pad(label, start, sampler.patch_size).astype(np.uint8, copy=False))
+
     def _location(self, step: int, b: int, case: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-location", step, b))
-        image, label = self.sampler.cases[case]
-        fg = self.sampler.fg[case] if rng.random() < self.sampler.fg_share else None
-        start = choose_start(label.shape, self.sampler.patch_size, rng, fg)
-        return (crop_pad(image, start, self.sampler.patch_size).astype(np.float32, copy=False),
-                crop_pad(label, start, self.sampler.patch_size).astype(np.uint8, copy=False))
+        return self._patch(self.sampler, case, rng)
 
     def _synthetic(self, step: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         if self.synthetic is None:
             raise MensegError("the 'synthetic' mixing source needs the synthetic pool")
         rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-synthetic", step, b))
-        img, lab = self.synthetic.batch(rng, 1)
-        return img[0], lab[0]
+        return self._patch(self.synthetic, int(rng.integers(len(self.synthetic.cases))), rng)
 
     def partners(
         self, step: int, fb: FieldBatch, cases: Sequence[int], like: Tensor
