@@ -146,6 +146,10 @@ class SpatialMixConfig:
     #: probability that a ``location`` / ``synthetic`` partner patch is centred on tumour (else
     #: anywhere): mixing then brings lesion from elsewhere into the patch instead of diluting it
     partner_fg: float = 1.0
+    #: keep the sample's own tumour (WT, dilated by ``keep_margin_mm``) whatever the field: a mix then
+    #: adds the partner around the lesion instead of cutting the lesion away
+    keep_tumour: bool = False
+    keep_margin_mm: float = 4.0
     field: FieldConfig = field(default_factory=FieldConfig)
 
     def __post_init__(self) -> None:

@@ -138,7 +138,8 @@ class ISMNet(nn.Module):
         return decode(self.net, encode(self.net, x, stem))  # type: ignore[arg-type]
 
     def mix_forward(
-        self, xa: Tensor, xb: Tensor | None, field_batch: FieldBatch, present: Tensor | None = None
+        self, xa: Tensor, xb: Tensor | None, field_batch: FieldBatch, present: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Training forward with spatial feature mixing (:meth:`SpatialMixer.mix_forward`).
 
@@ -149,7 +150,7 @@ class ISMNet(nn.Module):
             raise MensegError("mix_forward needs ism.spatial.enabled")
         # with xb None the partner's features are a's rolled along the batch, each computed with its
         # own sample's presence
-        return self.mixer.mix_forward(self.net, xa, xb, field_batch, self._stem(present))
+        return self.mixer.mix_forward(self.net, xa, xb, field_batch, self._stem(present), keep)
 
     def visit_forward(
         self,

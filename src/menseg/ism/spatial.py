@@ -189,6 +189,12 @@ def mix_targets(ya: Tensor, yb: Tensor, lam_full: Tensor) -> Tensor:
     return lam * ya + (1 - lam) * yb
 
 
+def keep_own(lam_full: Tensor, keep: Tensor | None) -> Tensor:
+    """``max(lambda, keep)``: the field with sample *a* kept wherever ``keep`` is 1 (e.g. its own
+    tumour, so a mix adds the partner's content around the lesion instead of cutting it away)."""
+    return lam_full if keep is None else torch.maximum(lam_full, keep.to(lam_full.dtype))
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -279,11 +285,24 @@ class SpatialMixer(nn.Module):
         return out
 
     def level_fields(
-        self, net: nn.Module, shape: Sequence[int], fb: FieldBatch, device: torch.device | str
+        self, net: nn.Module, shape: Sequence[int], fb: FieldBatch, device: torch.device | str,
+        keep: Tensor | None = None,
     ) -> list[Tensor]:
-        """The batch's fields on the grids of levels ``0 .. D`` of ``net`` for inputs of ``shape``."""
+        """The batch's fields on the grids of levels ``0 .. D`` of ``net`` for inputs of ``shape``.
+
+        ``keep`` (``(B, 1, X, Y, Z)`` in [0, 1] on the input grid, optional): where *a* must be kept
+        (:func:`keep_own`); on a level it is max-pooled over each voxel's stride block.
+        """
         strides = level_strides(net)
-        return [fb.on_grid(shape, strides[i], device=device) for i in range(self.depth + 1)]
+        out = []
+        for i in range(self.depth + 1):
+            lam = fb.on_grid(shape, strides[i], device=device)
+            if keep is not None:
+                k = nn.functional.max_pool3d(keep.to(lam.dtype), strides[i], strides[i]) if strides[i] != (
+                    1, 1, 1) else keep.to(lam.dtype)
+                lam = torch.maximum(lam, k)
+            out.append(lam)
+        return out
 
     def mix_forward(
         self,
@@ -292,6 +311,7 @@ class SpatialMixer(nn.Module):
         xb: Tensor | None,
         field_batch: FieldBatch,
         stem: nn.Module | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Training forward of ``net`` on ``xa`` mixed with ``xb``: encode -> mix -> re-encode -> decode.
 
@@ -305,6 +325,8 @@ class SpatialMixer(nn.Module):
                 *a*'s rolled along the batch, with no second encoder pass.
             field_batch: the batch's mixes (:func:`sample_field_batch`).
             stem: optional replacement of ``net.input_block`` (see :func:`~menseg.nets.unet.encode`).
+            keep: optional ``(B, 1, X, Y, Z)`` mask where *a* is kept whatever the field
+                (:func:`keep_own`); the targets must then be mixed with :func:`keep_own` too.
 
         Returns:
             what ``net(x)`` returns (deep-supervision stack in training); train it against
@@ -321,12 +343,12 @@ class SpatialMixer(nn.Module):
         else:  # the partner is a source of features, not a sample to learn from: no backward through it
             with torch.no_grad():
                 fb = encode(net, xb, stem, stop=d)
-        lams = self.level_fields(net, xa.shape[2:], field_batch, xa.device)
+        lams = self.level_fields(net, xa.shape[2:], field_batch, xa.device, keep)
         mixed = self(fa, fb, lams)
         return decode(net, [*mixed, *encode_from(net, mixed[-1], d)])
 
 
 __all__ = [
     "SOURCES", "FeatureFusion", "FieldBatch", "SpatialMixConfig", "SpatialMixer", "batch_partner",
-    "gather_partner", "mix_targets", "sample_field_batch",
+    "gather_partner", "keep_own", "mix_targets", "sample_field_batch",
 ]

@@ -45,7 +45,7 @@ from menseg.data.sampling import PatchSampler, choose_start, crop_pad
 from menseg.errors import MensegError
 from menseg.ism.modal import sample_presence
 from menseg.ism.model import ISMNet
-from menseg.ism.spatial import FieldBatch, gather_partner, mix_targets, sample_field_batch
+from menseg.ism.spatial import FieldBatch, gather_partner, keep_own, mix_targets, sample_field_batch
 from menseg.train.augment import augment_batch
 from menseg.train.losses import labels_to_regions
 from menseg.utils import derive_seed
@@ -80,6 +80,15 @@ def synthetic_pool(cfg: Config, out: Path, cache: Path, progress: bool = True) -
                           folder)
     pre = preprocess_dataset(cases, cache / "ism-synthetic", cfg.data.spacing)
     return PatchSampler([(c.image, c.label) for c in pre], cfg.train.patch_size, cfg.train.fg_oversample)
+
+
+def _dilate(mask: Tensor, margin_mm: float, spacing: Sequence[float]) -> Tensor:
+    """Binary ``(B, 1, X, Y, Z)`` mask dilated by a box of about ``margin_mm`` on each side."""
+    r = [max(0, round(margin_mm / float(s))) for s in spacing]
+    if not any(r):
+        return mask
+    k = tuple(2 * v + 1 for v in r)
+    return torch.nn.functional.max_pool3d(mask, k, stride=1, padding=tuple(r))
 
 
 @dataclass
@@ -170,8 +179,11 @@ class ISMStep:
             loc_x, loc_y = part[0], labels_to_regions(part[1])
             xb = gather_partner(img, fb, loc_x, loc_x)
             yb = gather_partner(ya, fb, loc_y, loc_y)
-        lam = fb.on_grid(img.shape[2:], device=img.device)
-        out = self.model.mix_forward(img, xb, fb, present)
+        keep = None
+        if ism.spatial.keep_tumour:
+            keep = _dilate(ya[:, 2:3], ism.spatial.keep_margin_mm, self.cfg.data.spacing)
+        lam = keep_own(fb.on_grid(img.shape[2:], device=img.device), keep)
+        out = self.model.mix_forward(img, xb, fb, present, keep)
         return out, mix_targets(ya, yb, lam), stats
 
 
