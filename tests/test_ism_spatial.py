@@ -249,3 +249,23 @@ def test_config_validation() -> None:
         _mixer(net).mix_forward(net, _x(0), None, fb)
     with pytest.raises(MensegError):
         _mixer(net).mix_forward(net, _x(0), None, FieldBatch((None,), (None,), SPACING))
+
+
+def test_keep_mask_holds_the_field_at_one_on_every_level() -> None:
+    from menseg.ism.spatial import keep_own
+    from menseg.nets.unet import level_strides
+
+    net = _net()
+    mixer = _mixer(net)
+    fb = _batch(3)
+    keep = torch.zeros(2, 1, *PATCH)
+    keep[:, :, 8:16, 8:16, 4:8] = 1.0
+    lams = mixer.level_fields(net, PATCH, fb, "cpu", keep)
+    plain = mixer.level_fields(net, PATCH, fb, "cpu")
+    for lam, lam0, s in zip(lams, plain, level_strides(net), strict=False):
+        k = nn.functional.max_pool3d(keep, s, s) if s != (1, 1, 1) else keep
+        assert torch.equal(lam[k > 0], torch.ones_like(lam[k > 0]))  # kept where the mask is
+        assert torch.equal(lam[k == 0], lam0[k == 0])  # the field elsewhere
+    full = keep_own(fb.on_grid(PATCH), keep)
+    assert torch.equal(full[keep > 0], torch.ones_like(full[keep > 0]))
+    assert torch.equal(keep_own(full, None), full)

@@ -36,8 +36,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, out: Path, *extra: str, steps: int = 4) -> Config:
-    return load_config("ism", [f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}", f"out_dir={out}",
-                               f"train.steps={steps}", *TINY, "ism.spatial.sources=[batch,location]", *extra])
+    return load_config("ism-modal", [
+        f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}", f"out_dir={out}", f"train.steps={steps}",
+        *TINY, "ism.spatial.sources=[batch,location]", *extra])
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -61,7 +62,7 @@ def test_build_model_plain_without_ism_and_identity_in_eval(data: Path, tmp_path
 
 
 def test_gate_closed_temporal_fusion_is_the_single_visit_network() -> None:
-    cfg = load_config("ism", [*TINY])
+    cfg = load_config("ism-modal", [*TINY])
     torch.manual_seed(1)
     model = build_model(cfg).eval()
     assert isinstance(model, ISMNet) and model.temporal is not None
@@ -221,3 +222,41 @@ def test_longitudinal_training_and_prior_prediction(longitudinal: Path, tmp_path
     without = predict(run / "latest.pt", patient / last, tmp_path / "without.nii.gz", progress=False)
     a, b = (np.asarray(nib.load(str(p[0])).dataobj) for p in (with_prior, without))
     assert a.shape == b.shape
+
+
+def test_keep_tumour_mix_keeps_the_own_lesion_and_partners_bring_tumour() -> None:
+    from menseg.data.sampling import PatchSampler
+    from menseg.train.ism import ISMStep
+
+    rng = np.random.default_rng(0)
+    lab = np.zeros((24, 24, 24), np.uint8)
+    lab[8:14, 8:14, 8:14] = 3
+    lab[6:8, 8:14, 8:14] = 2
+    cases = [(rng.normal(size=(4, 24, 24, 24)).astype(np.float32), lab) for _ in range(2)]
+    sampler = PatchSampler(cases, (16, 16, 16), 1.0)
+    cfg = load_config("ism", [*TINY, "ism.modal.enabled=false", "ism.spatial.keep_tumour=true",
+                              "ism.spatial.sources=[location]", "ism.spatial.keep_margin_mm=0",
+                              "aug.p_flip=0", "aug.p_rotate=0", "aug.p_scale=0", "aug.p_elastic=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, ISMNet)
+    step = ISMStep(cfg, model, sampler)
+    img_np, lab_np = sampler.batch(np.random.default_rng(1), 2)
+    img, y = torch.from_numpy(img_np), torch.from_numpy(lab_np)
+    captured = {}
+    orig = model.mix_forward
+
+    def spy(xa, xb, fb, present=None, keep=None):  # noqa: ANN001, ANN202
+        captured.update(xb=xb, keep=keep)
+        return orig(xa, xb, fb, present, keep)
+
+    model.mix_forward = spy  # type: ignore[method-assign]
+    out, target, stats = step.forward(0, img, y, [0, 1])
+    assert stats["ism_mixed"] == 2.0 and target.is_floating_point()
+    wt = labels_to_regions(y)
+    inside = wt[:, 2] > 0
+    assert torch.equal(target[:, 2][inside], wt[:, 2][inside])  # own tumour kept exactly
+    assert captured["keep"] is not None and torch.equal(captured["keep"][:, 0] > 0, inside)
+    # partner_fg = 1: every location partner is centred on tumour
+    xb_lab = [step._location(0, b, b)[1] for b in range(2)]
+    assert all((p > 0).any() for p in xb_lab)

@@ -178,7 +178,8 @@ def missing_table(rows: Sequence[dict[str, Any]], n: int) -> str:
             for reg in REGION_NAMES:
                 seeds = sorted({r["seed"] for r in sub})
                 means = [np.mean([r[f"{reg}_lesion_dice"] for r in sub if r["seed"] == s]) for s in seeds]
-                cells.append(f"{np.mean(means):.3f} ± {np.std(means):.3f}")
+                sd = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0  # sample std, as the report
+                cells.append(f"{np.mean(means):.3f} ± {sd:.3f}")
             lines.append(f"| {v} | {drop} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
