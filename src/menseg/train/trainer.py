@@ -115,17 +115,9 @@ class StepBatches(torch.utils.data.Dataset):
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
 
 
-class PairBatches(torch.utils.data.Dataset):
-    """Like :class:`StepBatches` for visit pairs: item ``t`` is
-    :func:`menseg.train.ism.pack_pair` of the pair sampler's batch of step ``t``."""
-
-    def __init__(self, sampler: Any, batch_size: int, seed: int) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return 2**31 - 1
+class PairBatches(StepBatches):
+    """:class:`StepBatches` for visit pairs (``sampler``: a :class:`menseg.ism.visits.PairSampler`):
+    item ``t`` is :func:`menseg.train.ism.pack_pair` of the sampler's batch of step ``t``."""
 
     def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from menseg.train.ism import pack_pair
