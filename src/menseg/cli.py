@@ -408,7 +408,7 @@ def bench_efficiency(
 @bench_app.command("missing")
 def bench_missing(
     out: Annotated[Path, typer.Option(help="A data-efficiency benchmark folder (menseg bench efficiency).")],
-    variants: Annotated[str, typer.Option(help="Comma-separated variants to test.")] = "baseline,ism",
+    variants: Annotated[str, typer.Option(help="Comma-separated variants to test.")] = "baseline,ism-modal",
     labeled: Annotated[
         int | None, typer.Option(help="Which N's runs (default: the largest finished).")
     ] = None,

@@ -55,6 +55,9 @@ def _finished_runs(
         raise MensegError(f"no finished runs of variants {', '.join(variants)}", bench)
     n = labeled if labeled is not None else ns[-1]
     chosen = [r for r in runs if r["variant"] in names and r["n_labeled"] == n]
+    for v in variants:
+        if not any(r["variant"] == v for r in chosen):
+            log.warning("variant %s has no finished run with N = %d in %s; it is left out", v, n, bench)
     if not chosen:
         raise MensegError(f"no finished runs with N = {n} (have {', '.join(map(str, ns))})", bench)
     return n, chosen
@@ -86,7 +89,7 @@ def _score(label: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict
 
 def run_missing(
     bench: str | Path,
-    variants: Sequence[str] = ("baseline", "ism"),
+    variants: Sequence[str] = ("baseline", "ism-modal"),
     labeled: int | None = None,
     device: str = "auto",
     progress: bool = True,
