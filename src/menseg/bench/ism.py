@@ -17,6 +17,7 @@ the previous visit as ``--prior`` (registered, fused). Lesion-wise Dice in the c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -130,10 +131,9 @@ def run_missing(
                 x = torch.from_numpy(np.array(case.image, dtype=np.float32))
                 if drop != "none":
                     x[MODALITIES.index(drop)] = 0.0
-                if isinstance(model, ISMNet):
-                    with model.conditioned(present=present if modal else None):
-                        probs = predict_probs(model, x, cfg.train.patch_size, cfg.infer, dev, mirror=False)
-                else:
+                ctx = (model.conditioned(present=present if modal else None) if isinstance(model, ISMNet)
+                       else contextlib.nullcontext())
+                with ctx:
                     probs = predict_probs(model, x, cfg.train.patch_size, cfg.infer, dev, mirror=False)
                 label = regions_to_labels(probs.numpy(), cfg.infer.threshold)
                 label = remove_small_components(label, case.spacing, cfg.infer.min_component_mm3)

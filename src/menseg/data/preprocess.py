@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from nibabel import orientations as nio
 
 from menseg.constants import MODALITIES
-from menseg.data.io import read_image, read_label
 from menseg.data.layouts import CaseFiles
-from menseg.data.validate import _check_geometry, orientation_of, read_case, spacing_of
+from menseg.data.validate import orientation_of, read_case, spacing_of
 from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
@@ -72,40 +71,8 @@ def load_case(
     present sequences and the label must agree with it within ``atol``. Which
     channels are present: ``case.present`` / :func:`present_mask`.
     """
-    if all(m in case.images for m in MODALITIES):
-        image, label, affine, _ = read_case(case, atol)
-        return image, label, affine
-    return _read_partial_case(case, atol)
-
-
-def _read_partial_case(
-    case: CaseFiles, atol: float
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """:func:`load_case` for a case lacking some sequences (zero channels for them)."""
-    present = case.present
-    if not present:
-        raise MensegError(
-            f"case '{case.case_id}' has no image (need at least one of {', '.join(MODALITIES)})"
-        )
-    ref = present[0]
-    ref_path = case.images[ref]
-    ref_name = f"{ref} ({ref_path.name})"
-    ref_data, ref_affine = read_image(ref_path)
-    image = np.zeros((len(MODALITIES), *ref_data.shape), np.float32)
-    image[MODALITIES.index(ref)] = ref_data
-    del ref_data
-    for mod in present[1:]:
-        path = case.images[mod]
-        data, affine = read_image(path)
-        _check_geometry(path, mod, data.shape, affine, image.shape[1:], ref_affine, ref_name, atol)
-        image[MODALITIES.index(mod)] = data
-    label = None
-    if case.label is not None:
-        label, laff = read_label(case.label)
-        _check_geometry(case.label, "label", label.shape, laff, image.shape[1:], ref_affine,
-                        ref_name, atol)
-    log.debug("%s: sequences %s absent (zero channels)", case.case_id, ", ".join(case.missing))
-    return image, label, ref_affine
+    image, label, affine, _ = read_case(case, atol)
+    return image, label, affine
 
 
 # ---------------------------------------------------------------- geometry helpers

@@ -102,32 +102,39 @@ def read_case(
 
     Returns ``(image, label, affine, report)``: image float32 ``(4, X, Y, Z)`` in
     MODALITIES order and the file's own voxel order, label uint8 ``(X, Y, Z)``
-    or None, the 4x4 affine of the first modality. Raises MensegError naming
-    the file for any bad file and for shape/affine disagreement beyond ``atol``
-    (mm, max absolute difference of affine entries).
+    or None, the 4x4 affine of the first present modality (t1c for a complete case).
+    Raises MensegError naming the file for any bad file and for shape/affine
+    disagreement beyond ``atol`` (mm, max absolute difference of affine entries).
+
+    A case lacking sequences (``CaseFiles`` discovered with ``allow_missing``) gets
+    all-zero channels for them; the present sequences and the label must agree with
+    the first present one.
     """
-    ref_mod = MODALITIES[0]
-    vols: list[np.ndarray] = []
+    present = case.present
+    if not present:
+        raise MensegError(
+            f"case '{case.case_id}' has no image (need at least one of {', '.join(MODALITIES)})")
+    ref_mod = present[0]
+    ref_name = f"{ref_mod} ({case.images[ref_mod].name})"
+    image: np.ndarray | None = None
     ref_affine: np.ndarray | None = None
     dtypes: list[str] = []
-    for mod in MODALITIES:
+    for mod in present:
         path = case.images[mod]
         data, affine = read_image(path)
         dtypes.append(str(load_nifti(path).get_data_dtype()))
-        if ref_affine is None:
+        if image is None or ref_affine is None:
             ref_affine = affine
+            image = np.zeros((len(MODALITIES), *data.shape), np.float32)
         else:
-            _check_geometry(path, mod, data.shape, affine, vols[0].shape, ref_affine,
-                            f"{ref_mod} ({case.images[ref_mod].name})", atol)
-        vols.append(data)
-    assert ref_affine is not None
-    image = np.stack(vols)
+            _check_geometry(path, mod, data.shape, affine, image.shape[1:], ref_affine, ref_name, atol)
+        image[MODALITIES.index(mod)] = data
+    assert image is not None and ref_affine is not None
     label = None
     volumes = None
     if case.label is not None:
         label, laff = read_label(case.label)
-        _check_geometry(case.label, "label", label.shape, laff, vols[0].shape, ref_affine,
-                        f"{ref_mod} ({case.images[ref_mod].name})", atol)
+        _check_geometry(case.label, "label", label.shape, laff, image.shape[1:], ref_affine, ref_name, atol)
         voxel_mm3 = float(abs(np.linalg.det(ref_affine[:3, :3])))
         counts = np.bincount(label.ravel(), minlength=max(LABELS) + 1)
         volumes = {k: float(counts[k]) * voxel_mm3 for k in LABELS if k != 0}

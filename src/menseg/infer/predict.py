@@ -268,7 +268,7 @@ def _check_model_fits(
     """Refuse, before any work, inputs the model cannot use."""
     from menseg.ism.model import ISMNet
 
-    stem = getattr(model, "stem", None) if isinstance(model, ISMNet) else None
+    stem = model.stem if isinstance(model, ISMNet) else None
     partial = [c for c in cases if c.missing]
     if partial and stem is None:
         c = partial[0]

@@ -20,7 +20,6 @@ their format.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -29,12 +28,10 @@ from torch import nn
 from menseg.config import Config
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
-from menseg.ism.modal import ModalFusionStem, names_from_presence
+from menseg.ism.modal import ModalFusionStem
 from menseg.ism.spatial import FieldBatch, SpatialMixer
 from menseg.ism.temporal import TemporalFusion, temporal_forward
 from menseg.nets.unet import decode, encode, encode_from, level_channels, n_levels
-
-log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
@@ -84,17 +81,23 @@ class ISMNet(nn.Module):
             present = torch.as_tensor(present, dtype=torch.bool)
             if present.shape != (N_MOD,) or not bool(present.any()):
                 raise MensegError(f"present must be {N_MOD} booleans with at least one true")
-            if self.stem is None and not bool(present.all()):
-                missing = [m for m, p in zip(MODALITIES, present.tolist(), strict=True) if not p]
-                raise MensegError(
-                    "this model was trained without modal fusion (ism.modal) and needs all four "
-                    f"sequences; missing: {', '.join(missing)}")
+            self._check_present(present)
         old = self._present, self._gap_days
         self._present, self._gap_days = present, gap_days
         try:
             yield self
         finally:
             self._present, self._gap_days = old
+
+    def _check_present(self, present: Tensor) -> None:
+        """Refuse absent sequences (``present`` ``(4,)`` or ``(B, 4)`` bool) without modal fusion."""
+        present = torch.as_tensor(present, dtype=torch.bool)
+        if self.stem is None and not bool(present.all()):
+            absent = ~present.reshape(-1, N_MOD).all(dim=0)
+            missing = [m for m, a in zip(MODALITIES, absent.tolist(), strict=True) if a]
+            raise MensegError(
+                "this model was trained without modal fusion (ism.modal) and needs all four "
+                f"sequences; missing: {', '.join(missing)}")
 
     def _stem(self, present: Tensor | None) -> nn.Module | None:
         if self.stem is None:
@@ -118,8 +121,8 @@ class ISMNet(nn.Module):
         ``has_prior``: ``(B,)`` bool, samples whose prior channels are to be ignored.
         """
         present = present if present is not None else self._present
-        if present is not None and self.stem is None and not bool(torch.as_tensor(present).all()):
-            raise MensegError("absent sequences need a model with modal fusion (ism.modal)")
+        if present is not None:
+            self._check_present(present)
         stem = self._stem(present)
         if x.shape[1] == 2 * N_MOD:
             if self.temporal is None:
@@ -190,11 +193,6 @@ class ISMNet(nn.Module):
         parts = [n for n, m in (("modal", self.stem), ("spatial", self.mixer), ("temporal", self.temporal))
                  if m is not None]
         return "DynUNet + ISM (" + ", ".join(parts) + ")" if parts else "DynUNet"
-
-    @staticmethod
-    def present_names(present: Tensor | None) -> tuple[str, ...]:
-        """Names of the sequences in a ``(4,)`` mask (all four for None)."""
-        return MODALITIES if present is None else names_from_presence(present)
 
 
 def build_model(cfg: Config) -> nn.Module:

@@ -297,10 +297,8 @@ class SpatialMixer(nn.Module):
         out = []
         for i in range(self.depth + 1):
             lam = fb.on_grid(shape, strides[i], device=device)
-            if keep is not None:
-                k = nn.functional.max_pool3d(keep.to(lam.dtype), strides[i], strides[i]) if strides[i] != (
-                    1, 1, 1) else keep.to(lam.dtype)
-                lam = torch.maximum(lam, k)
+            if keep is not None:  # a 1x1x1 pool at level 0 is the mask itself
+                lam = torch.maximum(lam, nn.functional.max_pool3d(keep.to(lam.dtype), strides[i], strides[i]))
             out.append(lam)
         return out
 

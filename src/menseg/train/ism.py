@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
-def synthetic_pool(cfg: Config, out: Path, cache: Path, progress: bool = True) -> PatchSampler:
+def synthetic_pool(cfg: Config, out: Path, cache: Path) -> PatchSampler:
     """Patch sampler over the run's synthetic cases (generated on first use into ``out``)."""
     from menseg.data.dataset import preprocess_dataset
     from menseg.data.layouts import discover_cases

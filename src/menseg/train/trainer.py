@@ -195,6 +195,11 @@ def _amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, t
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+def _cache_dir(cfg: Config, out: Path) -> Path:
+    """The preprocessing cache: ``data.cache_dir``, or ``<out_dir>/preprocessed``."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
+
+
 def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
     """Preprocessed ``(train_cases, val_cases)`` (PreprocessedCase lists)."""
     from menseg.data.dataset import preprocess_dataset
@@ -222,8 +227,7 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
         [c.case_id for c in cases], cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed
     )
     log.info("%d training cases, %d validation cases (%s)", len(train_ids), len(val_ids), ", ".join(val_ids))
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
-    pre = preprocess_dataset(cases, cache, cfg.data.spacing)
+    pre = preprocess_dataset(cases, _cache_dir(cfg, out), cfg.data.spacing)
     by_id = {p.case_id: p for p in pre}
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
@@ -245,8 +249,7 @@ def _load_visits(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
     """
     from menseg.ism.visits import load_visit_pairs
 
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
-    pairs = load_visit_pairs(cfg.data.root, cfg.data.spacing, cache, cases=cfg.data.cases,
+    pairs = load_visit_pairs(cfg.data.root, cfg.data.spacing, _cache_dir(cfg, out), cases=cfg.data.cases,
                              seed=cfg.train.seed)  # type: ignore[arg-type]
     patients = sorted({p.patient for p in pairs})
     if len(patients) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
@@ -347,10 +350,10 @@ def train(
         from menseg.ism.visits import PairSampler
 
         train_cases, val_cases = _load_visits(cfg, out)
-        pair_sampler = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
+        sampler: Any = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
     else:
         train_cases, val_cases = _load_data(cfg, out)
-    sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size, tc.fg_oversample)
+        sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size, tc.fg_oversample)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(tc.seed, "init"))
@@ -366,8 +369,7 @@ def train(
 
         syn = None
         if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
-            cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
-            syn = synthetic_pool(cfg, out, cache, progress=progress)
+            syn = synthetic_pool(cfg, out, _cache_dir(cfg, out))
         ism_step = ISMStep(cfg, model, sampler, syn)
     opt = torch.optim.SGD(
         model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
@@ -412,8 +414,7 @@ def train(
             "val_cases": [c.case_id for c in val_cases],
         }
 
-    ds: StepBatches | PairBatches = (PairBatches(pair_sampler, tc.batch_size, tc.seed) if visits
-                                     else StepBatches(sampler, tc.batch_size, tc.seed))
+    ds = (PairBatches if visits else StepBatches)(sampler, tc.batch_size, tc.seed)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
     from tqdm.auto import tqdm
