@@ -233,6 +233,147 @@ class ISMConfig:
             raise MensegError(f"ism.n_synthetic must be at least 1, got {self.n_synthetic}")
 
 
+#: Feature-alignment methods (``sim2real.align.method``).
+ALIGN_METHODS: tuple[str, ...] = ("none", "adversarial", "mmd", "coral")
+#: Weight schedules of the alignment loss (``sim2real.align.schedule``).
+ALIGN_SCHEDULES: tuple[str, ...] = ("constant", "linear", "dann")
+
+
+@dataclass(frozen=True)
+class TranslatorConfig:
+    """Cycle-consistent sim->real translator (``sim2real.translator``; DESIGN.md, idea 2).
+
+    3D, patch-based: two residual generators (synthetic->real, real->synthetic), two PatchGAN
+    discriminators (least-squares GAN), cycle and identity L1 and a semantic term (a small segmenter
+    trained on the synthetic labels must find them on the translated image, CyCADA-style).
+    """
+
+    enabled: bool = False  #: translate the synthetic cases before segmentation training
+    #: a fitted translator (``menseg sim2real fit-translator`` folder or its ``translator.pt``);
+    #: None = fit one per run seed from the synthetic pool and the unlabelled scans (cached)
+    path: str | None = None
+    steps: int = 600  #: optimisation steps of the translator
+    patch_size: tuple[int, int, int] = (32, 32, 32)  #: voxels
+    batch_size: int = 2
+    channels: int = 16  #: generator width (discriminator: same)
+    lr: float = 2e-4  #: Adam, betas (0.5, 0.999) as CycleGAN
+    cycle_weight: float = 10.0  #: CycleGAN's lambda
+    identity_weight: float = 5.0  #: 0.5 * cycle_weight, as CycleGAN
+    semantic_weight: float = 1.0  #: lesion-keeping term (Dice + BCE of the segmenter on G(x))
+    semantic_warmup: int = 100  #: steps the segmenter trains on raw synthetic cases before G feels it
+    #: largest change G may make to a normalised intensity (|G(x) - x| <= max_delta, tanh-bounded)
+    max_delta: float = 3.0
+    preview_every: int = 200  #: before/after mosaic every N steps (0 = never)
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.channels, self.checkpoint_every) < 1:
+            raise MensegError("sim2real.translator steps, batch_size, channels and checkpoint_every "
+                              "must be >= 1")
+        if min(self.patch_size) < 8:
+            raise MensegError(f"sim2real.translator.patch_size must be >= 8 voxels, got "
+                              f"{list(self.patch_size)}")
+        if min(self.cycle_weight, self.identity_weight, self.semantic_weight, self.semantic_warmup,
+               self.preview_every) < 0 or not self.max_delta > 0 or not self.lr > 0:
+            raise MensegError("sim2real.translator weights, warm-up and preview_every must be >= 0, "
+                              "lr and max_delta > 0")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Feature alignment with unlabelled real scans (``sim2real.align``)."""
+
+    #: none | adversarial (domain classifier behind gradient reversal, Kamnitsas et al. 2017) |
+    #: mmd (multi-kernel Gaussian MMD) | coral (covariance alignment, Sun & Saenko 2016)
+    method: str = "none"
+    levels: tuple[int, ...] = (2, 3)  #: encoder levels whose features are aligned (0 = full resolution)
+    weight: float = 0.1  #: final weight of the alignment term (the gradient-reversal factor for adversarial)
+    #: constant | linear (0 -> weight over ``ramp`` of training) | dann (2/(1+exp(-10 p)) - 1, Ganin 2016)
+    schedule: str = "dann"
+    ramp: float = 0.5  #: share of training over which ``linear`` reaches full weight
+    batch_size: int = 2  #: synthetic and real patches per step fed to the alignment term (each)
+    max_voxels: int = 512  #: feature vectors drawn per domain and level for mmd / coral
+
+    def __post_init__(self) -> None:
+        if self.method not in ALIGN_METHODS:
+            raise MensegError(f"sim2real.align.method must be one of {', '.join(ALIGN_METHODS)}, got "
+                              f"'{self.method}'")
+        if self.schedule not in ALIGN_SCHEDULES:
+            raise MensegError(f"sim2real.align.schedule must be one of {', '.join(ALIGN_SCHEDULES)}, got "
+                              f"'{self.schedule}'")
+        if not self.levels or min(self.levels) < 0:
+            raise MensegError(f"sim2real.align.levels must be non-empty levels >= 0, got {list(self.levels)}")
+        if self.weight < 0 or not 0 < self.ramp <= 1 or self.batch_size < 1 or self.max_voxels < 2:
+            raise MensegError("sim2real.align: weight >= 0, 0 < ramp <= 1, batch_size >= 1, max_voxels >= 2")
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    """Semantic injection: synthetic lesions grown into real scans (``sim2real.inject``)."""
+
+    enabled: bool = False
+    per_scan: int = 2  #: injected variants of every real scan (labelled and unlabelled), made once per run
+    #: share of the non-real-labelled samples drawn from injected scans (the rest: synthetic cases);
+    #: 1.0 = injection only
+    share: float = 0.5
+    #: on an unlabelled scan only the injected lesion and this margin around it (mm) count as known
+    #: labels (and the background outside the head); elsewhere the loss is masked, because the scan
+    #: may hold its own, unlabelled tumour
+    known_margin_mm: float = 12.0
+
+    def __post_init__(self) -> None:
+        if self.per_scan < 1:
+            raise MensegError(f"sim2real.inject.per_scan must be >= 1, got {self.per_scan}")
+        if not 0.0 <= self.share <= 1.0:
+            raise MensegError(f"sim2real.inject.share must be in [0, 1], got {self.share}")
+        if self.known_margin_mm < 0:
+            raise MensegError(f"sim2real.inject.known_margin_mm must be >= 0, got {self.known_margin_mm}")
+
+
+#: Source schedules of a Sim2Real run (``sim2real.schedule.mode``).
+SCHEDULE_MODES: tuple[str, ...] = ("mixed", "pretrain")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Share of real labelled samples over training (``sim2real.schedule``).
+
+    ``mixed``: the real share goes linearly from ``real_start`` to ``real_end``. ``pretrain``:
+    synthetic (and injected) samples only for the first ``switch`` of the steps, then ``real_end``
+    (synthetic pre-training, real fine-tuning). Without labelled cases the real share is 0.
+    """
+
+    mode: str = "mixed"
+    real_start: float = 0.5
+    real_end: float = 0.5
+    switch: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCHEDULE_MODES:
+            raise MensegError(f"sim2real.schedule.mode must be one of {', '.join(SCHEDULE_MODES)}, got "
+                              f"'{self.mode}'")
+        for k in ("real_start", "real_end", "switch"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise MensegError(f"sim2real.schedule.{k} must be in [0, 1], got {getattr(self, k)}")
+
+
+@dataclass(frozen=True)
+class Sim2RealConfig:
+    """Sim2Real semantic injection (DESIGN.md, idea 2); ``enabled`` switches the whole section."""
+
+    enabled: bool = False
+    #: synthetic cases generated once per run seed (procedural appearance model) at the run's spacing
+    n_synthetic: int = 24
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_synthetic < 1:
+            raise MensegError(f"sim2real.n_synthetic must be at least 1, got {self.n_synthetic}")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
@@ -245,6 +386,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     ism: ISMConfig = field(default_factory=ISMConfig)
+    sim2real: Sim2RealConfig = field(default_factory=Sim2RealConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
