@@ -11,7 +11,7 @@ RANK = {
     "constants": 0, "errors": 0, "utils": 0, "config": 0, "device": 0, "geometry": 0,
     "data": 1,
     "synth": 2, "evaluate": 2,
-    "nets": 3, "checkpoint": 3, "ism": 3,
+    "nets": 3, "checkpoint": 3, "ism": 3, "sim2real": 3,
     "infer": 4,
     "train": 5,
     "bench": 6, "demo": 6,

@@ -346,15 +346,20 @@ def plan_runs(
     if len(set(names)) != len(names):
         raise MensegError(f"two variants share the name '{next(n for n in names if names.count(n) > 1)}'")
     unl = str(data.unlabeled_root) if data.unlabeled_root else None
-    runs = []
+    if min(labeled, default=1) < 0:
+        raise MensegError(f"numbers of labelled cases must be >= 0, got {list(labeled)}")
+    runs, skipped = [], set()
     for seed in seeds:
         subsets = draw_subsets([c.case_id for c in data.pool], labeled, seed)
         for n in labeled:
             for variant, name in zip(variants, names, strict=True):
                 folder = out / "runs" / name / f"n{n}" / f"seed{seed}"
+                # N = 0: no labelled case at all (data.root unset); only variants that train without
+                # labels (sim2real: synthetic + unlabelled scans) run there
+                root = json.dumps(str(data.roots[0])) if n > 0 else "null"
                 ov = [
                     *profile.overrides(), *overrides,
-                    f"data.root={json.dumps(str(data.roots[0]))}",
+                    f"data.root={root}",
                     f"data.cases={json.dumps(subsets[n])}",
                     "data.val_fraction=0", "data.val_cases=[]",
                     f"data.cache_dir={json.dumps(str(out / 'preprocessed'))}",
@@ -363,7 +368,13 @@ def plan_runs(
                     f"train.device={device}",
                     f"out_dir={json.dumps(str(folder / 'train'))}",
                 ]
-                runs.append(RunSpec(name, n, seed, tuple(subsets[n]), folder, load_config(variant, ov)))
+                cfg = load_config(variant, ov)
+                if n == 0 and not cfg.sim2real.enabled:
+                    if name not in skipped:
+                        log.info("variant %s needs labelled cases: no N = 0 runs for it", name)
+                        skipped.add(name)
+                    continue
+                runs.append(RunSpec(name, n, seed, tuple(subsets[n]), folder, cfg))
     return runs
 
 

@@ -57,28 +57,11 @@ Tensor = torch.Tensor
 
 def synthetic_pool(cfg: Config, out: Path, cache: Path) -> PatchSampler:
     """Patch sampler over the run's synthetic cases (generated on first use into ``out``)."""
-    from menseg.data.dataset import preprocess_dataset
-    from menseg.data.layouts import discover_cases
-    from menseg.synth.engine import SynthConfig, synth_dataset, with_spacing
+    from menseg.synth.pool import synthetic_pool_cases
 
-    folder = out / "ism-synthetic"
-    n = cfg.ism.n_synthetic
-    if not (folder / "done.json").is_file():
-        import shutil
-
-        from menseg.utils import write_json_atomic
-
-        shutil.rmtree(folder, ignore_errors=True)
-        log.info("generating %d synthetic cases for ISM mixing in %s", n, folder)
-        scfg = with_spacing(SynthConfig(), float(min(cfg.data.spacing)))
-        synth_dataset(folder / "cases", n, "brats", seed=derive_seed(cfg.train.seed, "ism-synthetic-pool"),
-                      cfg=scfg, prefix="ISM-SYN", device="cpu")
-        write_json_atomic(folder / "done.json", {"n": n, "spacing_mm": float(min(cfg.data.spacing))})
-    cases = discover_cases(folder / "cases")
-    if len(cases) != n:
-        raise MensegError(f"synthetic pool holds {len(cases)} cases, expected {n}; delete it to rebuild",
-                          folder)
-    pre = preprocess_dataset(cases, cache / "ism-synthetic", cfg.data.spacing)
+    pre = synthetic_pool_cases(out / "ism-synthetic", cfg.ism.n_synthetic,
+                               derive_seed(cfg.train.seed, "ism-synthetic-pool"), cfg.data.spacing,
+                               cache / "ism-synthetic", prefix="ISM-SYN", what="ISM mixing")
     return PatchSampler([(c.image, c.label) for c in pre], cfg.train.patch_size, cfg.train.fg_oversample)
 
 

@@ -27,14 +27,19 @@ def labels_to_regions(label: Tensor) -> Tensor:
     return torch.stack(chans, dim=1).float()
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, batch_dice: bool = True, smooth: float = 1e-5) -> Tensor:
+def soft_dice_loss(
+    logits: Tensor, target: Tensor, batch_dice: bool = True, smooth: float = 1e-5, mask: Tensor | None = None
+) -> Tensor:
     """``1 - mean soft Dice`` over channels of sigmoid(logits) vs binary ``target``, both ``(B, C, ...)``.
 
     With ``batch_dice`` the batch is pooled into one volume per channel
     (nnU-Net's batch Dice), otherwise Dice is averaged over samples too.
-    A channel empty in both prediction and target scores Dice 1.
+    A channel empty in both prediction and target scores Dice 1. ``mask`` ``(B, 1, ...)`` in {0, 1}
+    leaves voxels of unknown class out (prediction and target both count 0 there).
     """
     p = torch.sigmoid(logits.float())
+    if mask is not None:
+        p, target = p * mask, target * mask
     axes = (0, *range(2, p.ndim)) if batch_dice else tuple(range(2, p.ndim))
     tp = (p * target).sum(axes)
     fp = (p * (1 - target)).sum(axes)
@@ -68,6 +73,9 @@ class RegionDiceBCELoss(nn.Module):
     - ``label``: integer ``(B, X, Y, Z)`` with values in {0,1,2,3}; or soft region targets,
       float ``(B, 3, X, Y, Z)`` in [0, 1] (ET, TC, WT; e.g. the mixed targets of ISM), which
       lower-resolution outputs see area-averaged.
+    - ``mask`` (optional): ``(B, X, Y, Z)`` bool, False where the class is unknown (e.g. an
+      unlabelled scan outside its injected lesion); those voxels add nothing to Dice or BCE.
+      Lower-resolution outputs see it nearest-downsampled.
 
     Returns the weighted scalar loss (fp32); the k-th output's weight is
     ``2^-k`` normalised to sum 1.
@@ -79,13 +87,21 @@ class RegionDiceBCELoss(nn.Module):
         self.bce_weight = bce_weight
         self.batch_dice = batch_dice
 
-    def single(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Loss of one output ``(B, 3, ...)`` against region targets of the same shape."""
+    def single(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Loss of one output ``(B, 3, ...)`` against region targets of the same shape
+        (``mask`` ``(B, 1, ...)`` float in {0, 1}: voxels that count)."""
         logits = logits.float()
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        return self.dice_weight * soft_dice_loss(logits, target, self.batch_dice) + self.bce_weight * bce
+        if mask is None:
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            bce = (per * mask).sum() / (mask.sum() * logits.shape[1]).clamp_min(1.0)
+        dice = soft_dice_loss(logits, target, self.batch_dice, mask=mask)
+        return self.dice_weight * dice + self.bce_weight * bce
 
-    def forward(self, outputs: Tensor | Sequence[Tensor], label: Tensor) -> Tensor:
+    def forward(
+        self, outputs: Tensor | Sequence[Tensor], label: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
         soft = label.is_floating_point()
         if soft and (label.ndim != 5 or label.shape[1] != len(REGION_NAMES)):
             raise ValueError(
@@ -98,15 +114,18 @@ class RegionDiceBCELoss(nn.Module):
         weights = deep_supervision_weights(len(outputs))
         total = outputs[0].new_zeros((), dtype=torch.float32)
         cache: dict[tuple[int, ...], Tensor] = {}
+        masks: dict[tuple[int, ...], Tensor | None] = {}
         for w, out in zip(weights, outputs, strict=True):
             size = tuple(out.shape[2:])
+            if mask is not None and size not in masks:
+                masks[size] = _downsample_label(mask.to(torch.uint8), size)[:, None].float()
             if size not in cache:
                 if soft:
                     same = tuple(label.shape[2:]) == size
                     cache[size] = label if same else F.adaptive_avg_pool3d(label, size)
                 else:
                     cache[size] = labels_to_regions(_downsample_label(label, size))
-            total = total + w * self.single(out, cache[size])
+            total = total + w * self.single(out, cache[size], masks.get(size))
         return total
 
 

@@ -126,8 +126,20 @@ class PairBatches(StepBatches):
         return pack_pair(self.sampler.batch(rng, self.batch_size))
 
 
+class MixedBatches(StepBatches):
+    """:class:`StepBatches` for Sim2Real (``sampler``: a :class:`menseg.train.sim2real.MixedSampler`):
+    the source of each sample of step ``t`` follows the schedule; ``case`` indices are global."""
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
+        choices = self.sampler.sample_step(int(step), rng, self.batch_size)  # type: ignore[attr-defined]
+        pairs = [self.sampler.extract(c) for c in choices]
+        cases = np.asarray([c.case for c in choices], dtype=np.int64)
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
+
+
 def _iter_batches(
-    ds: StepBatches | PairBatches, start: int, stop: int, num_workers: int, pin: bool
+    ds: StepBatches, start: int, stop: int, num_workers: int, pin: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     if num_workers <= 0:
         for t in range(start, stop):
@@ -206,6 +218,10 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
     from menseg.data.layouts import discover_cases
 
     if not cfg.data.root:
+        if cfg.sim2real.enabled:
+            log.info("no labelled cases (data.root is not set): training on synthetic and injected "
+                     "cases only")
+            return [], []
         raise MensegError("data.root is not set (give the dataset folder, e.g. data=DIR)")
     cases = [c for c in discover_cases(cfg.data.root) if c.label is not None]
     if cfg.data.cases:
@@ -216,7 +232,7 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
         if len(set(cfg.data.cases)) != len(cfg.data.cases):
             raise MensegError("data.cases lists a case id twice", cfg.data.root)
         cases = [by_id[i] for i in sorted(cfg.data.cases)]
-    if cfg.data.unlabeled_root:
+    if cfg.data.unlabeled_root and not cfg.sim2real.enabled:
         log.info("data.unlabeled_root is set; this trainer configuration does not use unlabelled "
                     "scans (%s)", cfg.data.unlabeled_root)
     if len(cases) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
@@ -346,6 +362,10 @@ def train(
         torch.backends.cudnn.benchmark = True
 
     visits = bool(cfg.ism.temporal.enabled and cfg.data.root and _is_longitudinal(cfg.data.root))
+    if visits and cfg.sim2real.enabled:
+        raise MensegError("sim2real does not run on visit pairs yet (a longitudinal data.root with "
+                          "ism.temporal); use a BraTS / nnU-Net layout or switch one of them off",
+                          cfg.data.root)
     if visits:
         from menseg.ism.visits import PairSampler
 
@@ -353,12 +373,20 @@ def train(
         sampler: Any = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
     else:
         train_cases, val_cases = _load_data(cfg, out)
-        sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size, tc.fg_oversample)
+        if not cfg.sim2real.enabled:  # else the Sim2Real sampler (below) also holds synthetic cases
+            sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size,
+                                   tc.fg_oversample)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(tc.seed, "init"))
         model = build_model(cfg)
     model.to(device)
+    s2r: Any = None
+    if cfg.sim2real.enabled:
+        from menseg.train.sim2real import build
+
+        s2r = build(cfg, model, train_cases, _cache_dir(cfg, out), device, progress)
+        sampler = s2r.sampler
     ism_step: Any = None
     if visits:
         from menseg.train.ism import VisitStep
@@ -371,8 +399,10 @@ def train(
         if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
             syn = synthetic_pool(cfg, out, _cache_dir(cfg, out))
         ism_step = ISMStep(cfg, model, sampler, syn)
+    aligner = s2r.align.aligner if s2r is not None and s2r.align is not None else None
+    params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
     opt = torch.optim.SGD(
-        model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
+        params, lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
     )
     amp_dtype, scaler = _amp_setup(cfg, device)
     loss_fn = RegionDiceBCELoss()
@@ -385,6 +415,8 @@ def train(
     if state is not None:
         try:
             model.load_state_dict(state["model"])
+            if aligner is not None:
+                aligner.load_state_dict(state["aligner"])
             opt.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise MensegError(f"checkpoint does not fit this run ({e})", latest) from None
@@ -403,6 +435,7 @@ def train(
     def make_state(step: int) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
+            "aligner": aligner.state_dict() if aligner is not None else None,
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": to_dict(cfg),
@@ -414,7 +447,8 @@ def train(
             "val_cases": [c.case_id for c in val_cases],
         }
 
-    ds = (PairBatches if visits else StepBatches)(sampler, tc.batch_size, tc.seed)
+    ds = (PairBatches if visits else MixedBatches if s2r is not None else StepBatches)(
+        sampler, tc.batch_size, tc.seed)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
     from tqdm.auto import tqdm
@@ -430,6 +464,13 @@ def train(
             lab = lab.to(device, non_blocking=True)
             seeds = [derive_seed(tc.seed, "aug", step, b) for b in range(img.shape[0])]
             img, lab = augment_batch(img, lab, cfg.aug, seeds)
+            known = None
+            if s2r is not None:
+                from menseg.train.sim2real import UNKNOWN
+
+                unknown = lab == UNKNOWN
+                if bool(unknown.any()):
+                    known, lab = ~unknown, lab.masked_fill(unknown, 0)
             lr = poly_lr(tc.lr, step, tc.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -437,22 +478,32 @@ def train(
             ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                    else contextlib.nullcontext())
             stats: dict[str, float] = {}
+            if s2r is not None:
+                srcs = [s2r.sampler.source_of(int(c)) for c in meta.tolist()]
+                stats.update({f"s2r_{n}": float(srcs.count(k)) for k, n in enumerate(("real", "synthetic",
+                                                                                       "injected"))})
             with ctx:
                 if ism_step is not None:
-                    outputs, target, stats = ism_step.forward(
+                    outputs, target, ism_stats = ism_step.forward(
                         step, img, lab, meta.to(device) if visits else meta.tolist())
+                    stats.update(ism_stats)
                 else:
                     outputs, target = model(img), lab
-            loss = loss_fn(outputs, target)
+                if s2r is not None and s2r.align is not None:
+                    align_loss, align_stats = s2r.align.loss(step, device)
+                    stats.update(align_stats)
+            loss = loss_fn(outputs, target, known)
+            if s2r is not None and s2r.align is not None:
+                loss = loss + align_loss
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 scaler.step(opt)
                 scaler.update()
             else:
                 loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 opt.step()
             done = step + 1
             loss_v = float(loss.detach())
@@ -485,4 +536,4 @@ def train(
     return out
 
 
-__all__ = ["PairBatches", "StepBatches", "poly_lr", "split_cases", "train", "validate"]
+__all__ = ["MixedBatches", "PairBatches", "StepBatches", "poly_lr", "split_cases", "train", "validate"]

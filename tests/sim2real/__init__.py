@@ -1,0 +1,1 @@
+"""Tests of menseg.sim2real."""
