@@ -25,7 +25,10 @@ app = typer.Typer(
 data_app = typer.Typer(help="Check and convert datasets (BraTS-MEN and nnU-Net v2 layouts).",
                        no_args_is_help=True)
 bench_app = typer.Typer(help="Measured benchmarks.", no_args_is_help=True)
+sim2real_app = typer.Typer(help="Sim2Real: carry synthetic meningiomas over to your scanner's appearance.",
+                           no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(sim2real_app, name="sim2real")
 app.add_typer(bench_app, name="bench")
 app.add_typer(bench_app, name="benchmark", hidden=True)  # the name used before 0.2
 
@@ -447,6 +450,87 @@ def bench_longitudinal(
     spec = LongitudinalSpec(n_train=train_patients, n_test=test_patients, visits=visits)
     summary = run_longitudinal(out, variant, profile, spec, set_ or [], device)
     typer.echo(longitudinal_table(summary, variant))
+
+
+def _spacing(value: float) -> tuple[float, float, float]:
+    if not value > 0:
+        raise MensegError(f"--spacing must be > 0 mm, got {value}")
+    return (float(value),) * 3
+
+
+@sim2real_app.command("fit-translator")
+def sim2real_fit(
+    synthetic: Annotated[Path, typer.Option(help="Labelled synthetic cases (e.g. `menseg synth` output).")],
+    real: Annotated[Path, typer.Option(help="Real scans, labels not needed (BraTS or nnU-Net layout).")],
+    out: Annotated[Path, typer.Option(help="New folder for the translator (or one to --resume).")],
+    spacing: Annotated[float, typer.Option(help="Isotropic grid (mm) both sets are resampled to.")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and the patch draws.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/latest.pt.")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Translator setting, e.g. --set steps=2000 (sim2real.translator keys)."),
+    ] = None,
+) -> None:
+    """Fit the cycle-consistent sim->real translator (lesion kept by a semantic term); writes
+    OUT/translator.pt, metrics.jsonl and before/after previews in OUT/preview/."""
+    from menseg.config import load_config
+
+    cfg = load_config(None, [f"sim2real.translator.{x}" for x in set_ or []]).sim2real.translator
+    from menseg.sim2real.translator import fit_translator_from_folders
+
+    path = fit_translator_from_folders(synthetic, real, out, cfg, spacing=_spacing(spacing), seed=seed,
+                                       device=device, resume=resume)
+    typer.echo(f"translator: {path}")
+
+
+@sim2real_app.command("translate")
+def sim2real_translate(
+    translator: Annotated[Path, typer.Argument(help="translator.pt or the fit-translator folder.")],
+    src: Annotated[Path, typer.Argument(help="Dataset to translate (BraTS or nnU-Net layout).")],
+    out: Annotated[Path, typer.Argument(help="New folder: the translated cases, BraTS layout.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+) -> None:
+    """Translate a (synthetic) dataset to the real scans' appearance; labels are copied unchanged."""
+    from menseg.sim2real.translator import translate_dataset
+
+    ids = translate_dataset(translator, src, out, device=device)
+    typer.echo(f"{len(ids)} case(s) written to {out}")
+
+
+@sim2real_app.command("gap")
+def sim2real_gap(
+    real: Annotated[Path, typer.Option(help="Real scans (BraTS or nnU-Net layout).")],
+    synthetic: Annotated[Path, typer.Option(help="Synthetic cases.")],
+    translator: Annotated[
+        Path | None, typer.Option(help="Also measure the translated synthetic cases.")] = None,
+    spacing: Annotated[float, typer.Option(help="Isotropic grid (mm) for the comparison.")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed of the domain classifier.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Also write the table here (markdown).")] = None,
+) -> None:
+    """How far synthetic (raw, and translated) scans are from real ones: a domain classifier's
+    held-out accuracy (0.5 = indistinguishable) and per-tissue intensity distances."""
+    import tempfile
+
+    from menseg.data.dataset import preprocess_dataset
+    from menseg.data.layouts import discover_cases
+    from menseg.sim2real.gap import domain_gap, gap_table
+    from menseg.sim2real.translator import load_translator, translate_image
+
+    sp = _spacing(spacing)
+    with tempfile.TemporaryDirectory() as tmp:
+        real_img = [c.image for c in preprocess_dataset(discover_cases(real), Path(tmp) / "r", sp)]
+        syn_img = [c.image for c in preprocess_dataset(discover_cases(synthetic), Path(tmp) / "s", sp)]
+        sets = {"raw synthetic": syn_img}
+        if translator is not None:
+            gen = load_translator(translator)
+            sets["translated"] = [translate_image(gen, img) for img in syn_img]
+        table = gap_table(domain_gap(real_img, sets, seed=seed))
+    typer.echo(table)
+    if out is not None:
+        from menseg.utils import write_text_atomic
+
+        write_text_atomic(out, table + "\n")
 
 
 @app.command("demo")
