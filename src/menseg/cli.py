@@ -506,6 +506,8 @@ def sim2real_gap(
         Path | None, typer.Option(help="Also measure the translated synthetic cases.")] = None,
     spacing: Annotated[float, typer.Option(help="Isotropic grid (mm) for the comparison.")] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the domain classifier.")] = 0,
+    steps: Annotated[int, typer.Option(help="Training steps of the domain classifier.")] = 150,
+    patch: Annotated[int, typer.Option(help="Classifier patch edge (voxels).")] = 32,
     out: Annotated[Path | None, typer.Option(help="Also write the table here (markdown).")] = None,
 ) -> None:
     """How far synthetic (raw, and translated) scans are from real ones: a domain classifier's
@@ -525,7 +527,7 @@ def sim2real_gap(
         if translator is not None:
             gen = load_translator(translator)
             sets["translated"] = [translate_image(gen, img) for img in syn_img]
-        table = gap_table(domain_gap(real_img, sets, seed=seed))
+        table = gap_table(domain_gap(real_img, sets, seed=seed, steps=steps, patch=(patch,) * 3))
     typer.echo(table)
     if out is not None:
         from menseg.utils import write_text_atomic
