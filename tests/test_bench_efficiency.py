@@ -118,6 +118,18 @@ def test_runs_share_subsets_across_variants_and_budget(tmp_path: Path) -> None:
         eff.resolve_data(prof, root, None, 3, [6])
 
 
+def test_zero_labelled_cases_run_only_variants_that_need_no_labels(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_phantom_dataset(root, n_cases=4, shape=(16, 16, 16), seed=0)
+    prof = eff.load_profile(_profile(tmp_path))
+    data = eff.resolve_data(prof, root, None, 2, [0, 1])
+    runs = eff.plan_runs(tmp_path / "b", ["baseline", "sim2real"], [0, 1], [0], prof, data)
+    assert [(r.variant, r.n_labeled) for r in runs] == [("sim2real", 0), ("baseline", 1), ("sim2real", 1)]
+    zero = runs[0]
+    assert zero.train_cases == () and zero.cfg.data.root is None and zero.cfg.sim2real.enabled
+    assert runs[2].cfg.data.root == str(root)
+
+
 # ---------------------------------------------------------------- micro benchmark
 
 
@@ -269,8 +281,8 @@ def test_unfinished_training_resumes_from_its_checkpoint(tmp_path: Path, monkeyp
 
 def test_bad_arguments(tmp_path: Path) -> None:
     prof = _profile(tmp_path)
-    with pytest.raises(MensegError, match="at least 1"):
-        eff.run_efficiency(tmp_path / "b", labeled=[0, 3], profile=prof, cache_dir=tmp_path, progress=False)
+    with pytest.raises(MensegError, match="at least 0"):
+        eff.run_efficiency(tmp_path / "b", labeled=[-1, 3], profile=prof, cache_dir=tmp_path, progress=False)
     with pytest.raises(MensegError, match="--test-size applies to --data"):
         eff.run_efficiency(tmp_path / "b", profile=prof, test_size=3, cache_dir=tmp_path, progress=False)
     (tmp_path / "full").mkdir()

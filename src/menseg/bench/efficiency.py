@@ -530,8 +530,8 @@ def run_efficiency(
     prof = load_profile(profile)
     labeled = sorted(set(labeled if labeled is not None else prof.labeled))
     n_seeds = seeds if seeds is not None else prof.seeds
-    if not labeled or labeled[0] < 1:
-        raise MensegError(f"numbers of labelled cases must be at least 1, got {labeled}")
+    if not labeled or labeled[0] < 0:
+        raise MensegError(f"numbers of labelled cases must be at least 0, got {labeled}")
     if n_seeds < 1:
         raise MensegError(f"need at least one seed, got {n_seeds}")
     if not variants:
