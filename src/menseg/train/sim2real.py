@@ -253,7 +253,7 @@ def translated(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarra
                            resume=(folder / "latest.pt").is_file(), progress=progress,
                            spacing=tuple(cfg.data.spacing))  # type: ignore[arg-type]
             fit_seconds = time.perf_counter() - t0
-    gen = load_translator(path, device="cpu")
+    gen = load_translator(path, device=device)
     return [translate_image(gen, img) for _, img, _ in synthetic], fit_seconds
 
 
