@@ -318,6 +318,9 @@ class InjectConfig:
     #: share of the non-real-labelled samples drawn from injected scans (the rest: synthetic cases);
     #: 1.0 = injection only
     share: float = 0.5
+    #: which real scans get lesions: ``both`` (labelled and data.unlabeled_root) or ``labelled`` (complete
+    #: labels only; falls back to the unlabelled scans when there is no labelled case)
+    into: str = "both"
     #: on an unlabelled scan only the injected lesion and this margin around it (mm) count as known
     #: labels (and the background outside the head); elsewhere the loss is masked, because the scan
     #: may hold its own, unlabelled tumour
@@ -330,6 +333,8 @@ class InjectConfig:
             raise MensegError(f"sim2real.inject.share must be in [0, 1], got {self.share}")
         if self.known_margin_mm < 0:
             raise MensegError(f"sim2real.inject.known_margin_mm must be >= 0, got {self.known_margin_mm}")
+        if self.into not in ("both", "labelled"):
+            raise MensegError(f"sim2real.inject.into must be both or labelled, got '{self.into}'")
 
 
 #: Source schedules of a Sim2Real run (``sim2real.schedule.mode``).

@@ -350,7 +350,10 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
             raise MensegError("sim2real.translator needs real scans (data.unlabeled_root or labelled cases)")
         syn_images, info["translator_fit_seconds"] = translated(cfg, synthetic, real_scans, cache,
                                                                 str(device), progress)
-    injected = inject_pool(cfg, labelled, unlabelled, progress) if s2r.inject.enabled else []
+    injected = []
+    if s2r.inject.enabled:
+        hosts = unlabelled if s2r.inject.into == "both" or not labelled else []
+        injected = inject_pool(cfg, labelled, hosts, progress)
     groups = {"real": [(img, lab) for _, img, lab in labelled],
               "synthetic": [(img, lab) for img, (_, _, lab) in zip(syn_images, synthetic, strict=True)],
               "injected": injected}
