@@ -24,7 +24,9 @@ TINY = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16
         "train.batch_size=2", "train.val_every=100", "train.checkpoint_every=2", "train.seed=3",
         "infer.overlap=0.25", "infer.min_component_mm3=0", "data.val_fraction=0",
         "sim2real.align.levels=[1,2]", "sim2real.inject.per_scan=1", "sim2real.n_synthetic=2",
-        "sim2real.translator.enabled=false"]
+        "sim2real.translator.enabled=false",
+        # every mechanism on (the packaged sim2real.yaml leaves injection off and aligns by MMD)
+        "sim2real.align.method=adversarial", "sim2real.inject.enabled=true"]
 
 
 def _s2r(*extra: str) -> Config:
@@ -225,3 +227,37 @@ def test_both_config_combines_ism_and_sim2real() -> None:
     assert both.ism == ism.ism and both.sim2real == s2r.sim2real
     assert (both.model, both.train, both.aug) == (ism.model, ism.train, ism.aug) == (s2r.model, s2r.train,
                                                                                       s2r.aug)
+
+
+@pytest.mark.usefixtures("tiny_pool")
+def test_injection_into_labelled_scans_only(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    cfg = _cfg(data, tmp_path / "l", "sim2real.inject.enabled=true", "sim2real.inject.into=labelled",
+               "sim2real.align.method=none", steps=1)
+    with caplog.at_level(logging.INFO, logger="menseg.train.sim2real"):
+        train(cfg, progress=False)
+    assert "from 2 labelled and 0 unlabelled real scans" in caplog.text
+    caplog.clear()
+    zero = replace(cfg, [f"out_dir={tmp_path / 'l0'}", "data.root=null"])  # no labels: unlabelled hosts
+    with caplog.at_level(logging.INFO, logger="menseg.train.sim2real"):
+        train(zero, progress=False)
+    assert "from 0 labelled and 2 unlabelled real scans" in caplog.text
+
+
+@pytest.mark.usefixtures("tiny_pool")
+def test_both_trains_ism_mixing_on_mixed_batches(data: Path, tmp_path: Path) -> None:
+    import json
+
+    cfg = load_config("both", [
+        *TINY, f"data.root={data / 'labeled'}", f"data.unlabeled_root={data / 'unlabeled'}",
+        f"data.cache_dir={data / 'cache'}", "data.spacing=[2.0,2.0,2.0]", f"out_dir={tmp_path / 'both'}",
+        "train.steps=2", "ism.spatial.levels=[1]", "ism.temporal.level=1", "ism.spatial.p=1.0",
+        "ism.spatial.sources=[batch,location]"])
+    train(cfg, progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ism_mixed"] == 2 for r in recs)
+    assert all(r["s2r_real"] + r["s2r_synthetic"] + r["s2r_injected"] == 2 for r in recs)
+    assert all("s2r_align_loss" in r for r in recs)
