@@ -55,6 +55,22 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Drop lines of a metrics file whose ``step`` is after ``step`` (written after the last checkpoint
+    by a killed run), and lines cut short by the kill; atomically. A missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    write_text_atomic(path, "".join(x + "\n" for x in keep))
+
+
 def derive_seed(*parts: int | str) -> int:
     """Derive a 63-bit seed from a tuple of ints/strings, stable across runs and platforms."""
     import hashlib

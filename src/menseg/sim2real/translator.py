@@ -91,7 +91,7 @@ from menseg.constants import MODALITIES, REGION_NAMES, REGIONS, SEG_SUFFIX
 from menseg.data.sampling import choose_start, crop_pad, foreground_coords
 from menseg.device import resolve_device
 from menseg.errors import MensegError
-from menseg.utils import atomic_path, derive_seed, write_json_atomic
+from menseg.utils import atomic_path, derive_seed, truncate_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -436,21 +436,6 @@ def _out_is_empty(out: Path) -> bool:
     return not out.exists() or (out.is_dir() and all(p.name == PREPROCESSED_DIR for p in out.iterdir()))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (written after the last checkpoint by an interrupted fit)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(k + "\n" for k in keep))
-
-
 def fit_translator(
     synthetic: Sequence[tuple[np.ndarray, np.ndarray]],
     real: Sequence[np.ndarray],
@@ -542,7 +527,7 @@ def fit_translator(
                               latest) from None
         start = int(state["step"])
         elapsed = float(state.get("elapsed", 0.0))
-        _truncate_metrics(metrics_path, start)
+        truncate_jsonl(metrics_path, start)
         log.info("resuming translator %s from step %d", out, start)
 
     def make_state(step: int) -> dict[str, Any]:

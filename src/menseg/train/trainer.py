@@ -41,7 +41,7 @@ from menseg.config import Config, flat_config, save_config, to_dict
 from menseg.constants import REGION_NAMES
 from menseg.data.sampling import PatchSampler
 from menseg.errors import MensegError
-from menseg.utils import derive_seed, write_text_atomic
+from menseg.utils import derive_seed, truncate_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -183,20 +183,6 @@ def _is_longitudinal(root: str) -> bool:
         return detect_layout(root) == "longitudinal"
     except MensegError:
         return False
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (written after the checkpoint by a killed run)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except ValueError:
-            continue  # a line cut short by the kill
-    write_text_atomic(path, "".join(x + "\n" for x in keep))
 
 
 def _amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -426,7 +412,7 @@ def train(
         best_metric = float(state.get("best_metric") if state.get("best_metric") is not None else -math.inf)
         best_step = int(state.get("best_step", -1))
         elapsed = float(state.get("elapsed", 0.0))
-        _truncate_metrics(metrics_path, start)
+        truncate_jsonl(metrics_path, start)
         log.info("resuming %s from step %d", out, start)
     if start >= tc.steps:
         log.info("run already complete (%d/%d steps)", start, tc.steps)
