@@ -58,7 +58,7 @@ def test_checkpoint_roundtrip_and_load_model(tmp_path) -> None:
     net = build_network(cfg.model, patch_size=cfg.train.patch_size)
     path = tmp_path / "m.pt"
     save_checkpoint(path, {"model": net.state_dict(), "config": to_dict(cfg), "step": 7})
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.sha256"]  # no temp file left
     state = load_checkpoint(path)
     assert state["step"] == 7
     model, cfg2 = load_model(path, "cpu")

@@ -49,7 +49,10 @@ def _lines(path: Path) -> list[dict]:
 
 def test_end_to_end_outputs(full_run) -> None:
     cfg, out = full_run
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "latest.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "best.pt.sha256", "config.yaml", "latest.prev.pt", "latest.prev.pt.sha256", "latest.pt",
+        "latest.pt.sha256", "metrics.jsonl"]
+    assert load_checkpoint(out / "latest.prev.pt")["step"] == STEPS - 2  # the checkpoint before
     assert from_dict(Config, yaml.safe_load((out / "config.yaml").read_text())) == cfg
     recs = _lines(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
@@ -94,6 +97,54 @@ def test_resume_is_bit_exact(full_run, data: Path) -> None:
     # Resuming a finished run is a no-op.
     train(cfg, resume=True, progress=False)
     assert len(_lines(out / "metrics.jsonl")) == STEPS
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    full_run, data: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    cfg_full, out_full = full_run
+    cfg = _cfg(data, data / f"damaged-{damage}")
+    out = train(cfg, stop_at=5, progress=False)  # checkpoints at 2 and 4
+    latest = out / "latest.pt"
+    raw = bytearray(latest.read_bytes())
+    if damage == "truncate":
+        latest.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:  # one flipped byte: still a loadable zip, caught by the checksum
+        raw[len(raw) // 3] ^= 0xFF
+        latest.write_bytes(bytes(raw))
+    with pytest.raises(MensegError, match="damaged|cannot read"):
+        load_checkpoint(latest)
+    with caplog.at_level(logging.WARNING, logger="menseg.checkpoint"):
+        train(cfg, resume=True, progress=False)  # from step 2 (latest.prev.pt)
+    assert "previous checkpoint" in caplog.text
+    a, b = load_checkpoint(out_full / "latest.pt"), load_checkpoint(latest)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["step"] for r in _lines(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from menseg.checkpoint import save_checkpoint
+
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "step": 1}, keep_previous=True)
+    before = path.read_bytes()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(MensegError, match="No space left"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "step": 2}, keep_previous=True)
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "latest.pt.sha256"]
 
 
 def test_refuses_non_empty_out_dir_and_bad_resume(full_run, data: Path, tmp_path: Path) -> None:

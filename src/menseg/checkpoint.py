@@ -7,11 +7,18 @@ A checkpoint is a plain dict of tensors and builtins::
      "best_metric": float | None, ...}
 
 so it loads with ``torch.load(weights_only=True)`` (no arbitrary pickles).
+
+Integrity: every save writes ``<name>.sha256`` beside the file (SHA-256 of its bytes) and
+:func:`load_checkpoint` refuses a file whose bytes do not match (a copy cut short, a disk error).
+With ``keep_previous`` the file being replaced is kept as ``<stem>.prev<suffix>`` (with its
+checksum), so :func:`load_latest` can fall back to it, with a warning, when the newest is damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +34,53 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + rename).
+def checksum_path(path: str | Path) -> Path:
+    """Where the SHA-256 of checkpoint ``path`` is kept: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the replaced file: ``latest.pt`` -> ``latest.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + rename) with its checksum file.
 
     ``state`` must hold only tensors, containers and builtins so that it can be
-    read back with ``weights_only=True``.
+    read back with ``weights_only=True``. With ``keep_previous`` an existing ``path`` (and its
+    checksum) first becomes :func:`previous_path`. A failed write (full disk, unwritable folder)
+    raises :class:`MensegError` and leaves the files that were there untouched.
     """
+    path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path.with_name(path.name + ".new")) as tmp:
+            torch.save(state, tmp)
+        digest = _sha256(path.with_name(path.name + ".new"))
+        if keep_previous and path.is_file():
+            prev = previous_path(path)
+            os.replace(path, prev)
+            if checksum_path(path).is_file():
+                os.replace(checksum_path(path), checksum_path(prev))
+            else:
+                checksum_path(prev).unlink(missing_ok=True)
+        with atomic_path(checksum_path(path)) as tmp:
+            tmp.write_text(digest + "\n")
+        os.replace(path.with_name(path.name + ".new"), path)
+    except OSError as e:
+        path.with_name(path.name + ".new").unlink(missing_ok=True)
+        raise MensegError(f"cannot write checkpoint ({e.strerror or e})", path) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -48,6 +93,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise MensegError("checkpoint not found", path)
+    sums = checksum_path(path)
+    if sums.is_file():
+        want = sums.read_text().strip()
+        if want and _sha256(path) != want:
+            raise MensegError(f"checkpoint is damaged (its bytes do not match {sums.name})", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any load failure is a bad file for the user
@@ -58,6 +108,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise MensegError("not a menseg checkpoint (no 'model' entry)", path)
     return state
+
+
+def load_latest(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
+    """:func:`load_checkpoint` of ``path``, or, when that one is damaged or unreadable, of its
+    :func:`previous_path` (logged as a warning). Returns ``(state, the file used)``."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path, map_location), path
+    except MensegError as first:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        log.warning("%s; resuming from the previous checkpoint %s instead", first, prev)
+        return load_checkpoint(prev, map_location), prev
 
 
 def config_from_checkpoint(state: dict[str, Any], path: str | Path | None = None) -> Config:
@@ -94,4 +158,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model, cfg
 
 
-__all__ = ["config_from_checkpoint", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = [
+    "checksum_path", "config_from_checkpoint", "load_checkpoint", "load_latest", "load_model",
+    "previous_path", "save_checkpoint",
+]

@@ -5,7 +5,9 @@ Run folder (``cfg.out_dir``)::
     config.yaml       resolved config, written at start
     metrics.jsonl     one JSON object per line: step, loss, lr, time (s), and
                       val_* metrics on validation steps
-    latest.pt         every ``train.checkpoint_every`` steps and at the end
+    latest.pt         every ``train.checkpoint_every`` steps and at the end (+ ``latest.pt.sha256``;
+                      the one before is kept as ``latest.prev.pt``, and ``--resume`` falls back to it
+                      with a warning when ``latest.pt`` is damaged)
     best.pt           best validation mean Dice so far
     preprocessed/     preprocessing cache (unless ``data.cache_dir`` is set)
 
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from menseg.checkpoint import load_checkpoint, save_checkpoint
+from menseg.checkpoint import load_latest, save_checkpoint
 from menseg.config import Config, flat_config, save_config, to_dict
 from menseg.constants import REGION_NAMES
 from menseg.data.sampling import PatchSampler
@@ -330,8 +332,8 @@ def train(
     if resume:
         if not latest.is_file():
             raise MensegError("nothing to resume: no latest.pt in the run folder", out)
-        state = load_checkpoint(latest)
-        _check_resume_config(cfg, state.get("config", {}), latest)
+        state, used = load_latest(latest)
+        _check_resume_config(cfg, state.get("config", {}), used)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MensegError(
             "run folder is not empty; use --resume to continue it or choose another out_dir", out
@@ -508,7 +510,7 @@ def train(
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
             if done % tc.checkpoint_every == 0 or done == tc.steps:
-                save_checkpoint(latest, make_state(done))
+                save_checkpoint(latest, make_state(done), keep_previous=True)
             bar.update(1)
             if on_step is not None:
                 on_step(done, tc.steps)
