@@ -1,0 +1,78 @@
+"""Fault tolerance: a training process killed with SIGKILL at a random step resumes to the weights of an
+uninterrupted run (CPU, deterministic mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from menseg.checkpoint import load_checkpoint
+from menseg.data.phantom import write_phantom_dataset
+
+STEPS = 8
+
+
+def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "menseg", "train", "baseline", f"data={data / 'data'}",
+            f"data.cache_dir={data / 'cache'}", f"out_dir={out}", "model.filters=[4,8,16]",
+            "model.deep_supr_num=1", "train.patch_size=[16,16,16]", f"train.steps={STEPS}",
+            "train.checkpoint_every=1", "train.val_every=100", "data.val_fraction=0", "train.seed=11",
+            "train.deterministic=true", "train.device=cpu", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _steps_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    n = 0
+    for line in path.read_text().splitlines():
+        try:
+            n = max(n, int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+            continue
+    return n
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ft-phantoms")
+    write_phantom_dataset(root / "data", n_cases=2, shape=(24, 24, 24), seed=5)
+    return root
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(data: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(data, ref), check=True, env=_env(), capture_output=True, timeout=300)
+    kill_after = int(np.random.default_rng().integers(1, STEPS - 1))  # a different step each run
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(data, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while _steps_done(run) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill (step {kill_after})"
+    resumed = subprocess.run(_cmd(data, run, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_checkpoint(ref / "latest.pt"), load_checkpoint(run / "latest.pt")
+    assert a["step"] == b["step"] == STEPS
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), (k, kill_after)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
