@@ -145,3 +145,34 @@ def test_write_image_roundtrip(tmp_path):
     write_image(p, data, ras_affine())
     arr, _ = read_image(p)
     np.testing.assert_array_equal(arr, data)
+
+
+def test_voxel_budget_refuses_big_headers_before_reading(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from menseg.data.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV
+
+    path = tmp_path / "big.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[40:48] = np.array([3, 2000, 2000, 2000], "<i2").tobytes()  # header claims 2000^3, data is 4^3
+    path.write_bytes(bytes(raw))
+    msg = _err(read_image, path)
+    assert "over the budget" in msg and f"{DEFAULT_MAX_VOXELS:,}" in msg
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(64, dtype=np.float32).reshape(4, 4, 4), np.eye(4)), str(small))
+    assert read_image(small)[0].shape == (4, 4, 4)
+    monkeypatch.setenv(MAX_VOXELS_ENV, "63")
+    assert "63" in _err(read_image, small)
+    monkeypatch.setenv(MAX_VOXELS_ENV, "lots")
+    with pytest.raises(MensegError, match="whole number"):
+        read_image(small)
+    monkeypatch.delenv(MAX_VOXELS_ENV)
+    from menseg.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "ds", n_cases=1, shape=(16, 16, 16))
+    r = subprocess.run([sys.executable, "-m", "menseg", "--max-voxels", "100", "data", "check",
+                        str(tmp_path / "ds")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "4,096 voxels, over the budget of 100" in r.stderr

@@ -40,8 +40,19 @@ log = logging.getLogger("menseg")
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug-level logging.")] = False,
+    max_voxels: Annotated[
+        int | None,
+        typer.Option("--max-voxels", help="Refuse images with more voxels than this (default 512^3; "
+                     "env MENSEG_MAX_VOXELS)."),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
+    if max_voxels is not None:
+        if max_voxels < 1:
+            raise MensegError(f"--max-voxels must be at least 1, got {max_voxels}")
+        import os
+
+        os.environ["MENSEG_MAX_VOXELS"] = str(max_voxels)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

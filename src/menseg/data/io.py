@@ -8,6 +8,8 @@ empty or constant image, invalid label values). Writers are atomic.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,24 @@ log = logging.getLogger(__name__)
 
 #: File endings recognised as NIfTI.
 NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii")
+#: Largest image (voxels, all volumes of the file) read by default: 512^3, room for a 512x512x400 scan.
+DEFAULT_MAX_VOXELS = 512**3
+#: Environment variable that sets the voxel budget (``menseg --max-voxels N`` sets it too).
+MAX_VOXELS_ENV = "MENSEG_MAX_VOXELS"
+
+
+def max_voxels() -> int:
+    """The voxel budget: ``$MENSEG_MAX_VOXELS`` or :data:`DEFAULT_MAX_VOXELS`."""
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise MensegError(f"{MAX_VOXELS_ENV} must be a whole number of voxels, got '{raw}'") from None
+    if value < 1:
+        raise MensegError(f"{MAX_VOXELS_ENV} must be at least 1, got {value}")
+    return value
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -61,6 +81,11 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
         raise MensegError(f"unreadable NIfTI file ({_why(e, path)})", path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise MensegError(f"not a NIfTI image ({type(img).__name__})", path)
+    n_vox, budget = math.prod(int(d) for d in img.shape), max_voxels()
+    if n_vox > budget:  # checked on the header, before any voxel is read
+        raise MensegError(
+            f"image of shape {tuple(int(d) for d in img.shape)} has {n_vox:,} voxels, over the budget of "
+            f"{budget:,} (raise it with menseg --max-voxels N or {MAX_VOXELS_ENV})", path)
     return img
 
 
