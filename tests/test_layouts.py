@@ -213,3 +213,23 @@ def test_convert_bad_source_writes_nothing(brats, tmp_path):
     assert bad.name in str(ei.value) and "NaN" in str(ei.value)
     assert not dst.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brats"]
+
+
+@pytest.mark.parametrize("bad", ["../evil", "/abs/path", "a/b", "a\\b", "..", ".", "", " x", "x\x00y"])
+def test_case_ids_that_would_escape_the_output_folder_are_refused(bad: str, tmp_path) -> None:
+    from pathlib import Path
+
+    from menseg.data.layouts import CaseFiles, check_case_id
+
+    with pytest.raises(MensegError):
+        check_case_id(bad)
+    with pytest.raises(MensegError):
+        CaseFiles(bad, {"t1c": Path(tmp_path / "x-t1c.nii.gz")})
+    assert check_case_id("BraTS-MEN-00001-000") == "BraTS-MEN-00001-000"
+
+
+def test_synthetic_prefix_that_escapes_is_refused(tmp_path) -> None:
+    from menseg.synth.writer import case_id
+
+    with pytest.raises(MensegError, match="safe file name"):
+        case_id("../../evil", 0)

@@ -69,6 +69,21 @@ _CHANNEL_ALIASES: dict[str, str] = {
 }  # fmt: skip
 
 
+def check_case_id(case_id: str, where: str | Path | None = None) -> str:
+    """``case_id`` if it is safe as a file name, else a :class:`MensegError`.
+
+    Outputs are written as ``<folder>/<case_id>...``, so an id with a path separator, ``.`` / ``..``,
+    a NUL byte, or nothing in it could write outside the output folder or clobber it.
+    """
+    if not isinstance(case_id, str) or not case_id.strip():
+        raise MensegError(f"empty case id {case_id!r}", where)
+    bad = [c for c in ("/", "\\", "\x00") if c in case_id]
+    if bad or case_id in (".", "..") or case_id != case_id.strip():
+        raise MensegError(f"case id {case_id!r} is not a safe file name (path separators, '..', NUL or "
+                          "surrounding spaces would place outputs outside their folder)", where)
+    return case_id
+
+
 @dataclass(frozen=True)
 class CaseFiles:
     """The files of one case: images keyed by modality (MODALITIES order), optional label.
@@ -81,6 +96,9 @@ class CaseFiles:
     case_id: str
     images: dict[str, Path]
     label: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_case_id(self.case_id, self.reference if self.images else None)
 
     @property
     def present(self) -> tuple[str, ...]:

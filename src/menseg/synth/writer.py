@@ -46,8 +46,10 @@ PREVIEW_DIR = "preview"
 
 
 def patient_id(prefix: str, index: int) -> str:
-    """``<prefix>-<index:05d>`` (BraTS-style patient id)."""
-    return f"{prefix}-{index:05d}"
+    """``<prefix>-<index:05d>`` (BraTS-style patient id); a prefix that is not a safe file name is refused."""
+    from menseg.data.layouts import check_case_id
+
+    return check_case_id(f"{prefix}-{index:05d}")
 
 
 def case_id(prefix: str, index: int, timepoint: int = 0) -> str:
