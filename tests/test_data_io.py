@@ -176,3 +176,25 @@ def test_voxel_budget_refuses_big_headers_before_reading(tmp_path, monkeypatch):
                         str(tmp_path / "ds")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "4,096 voxels, over the budget of 100" in r.stderr
+
+
+def test_full_disk_or_unwritable_output_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "pred.nii.gz"
+    write_label(out, np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    before = out.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full_disk)
+    with pytest.raises(MensegError, match="No space left on device"):
+        write_label(out, np.ones((4, 4, 4), np.uint8), np.eye(4))
+    monkeypatch.undo()
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.nii.gz"]  # no temporary file left
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(MensegError, match="cannot write here"):
+        write_label(blocker / "sub" / "pred.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))

@@ -16,17 +16,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary file keeps ``path``'s suffixes (so writers that look at the
-    extension, e.g. ``.nii.gz``, behave), and is removed if the body raises.
+    extension, e.g. ``.nii.gz``, behave), and is removed if the body raises. A write the
+    system refuses (full disk, read-only or missing folder, a file where a folder should be)
+    becomes a one-line :class:`~menseg.errors.MensegError` naming ``path``; an existing file at
+    ``path`` is then left exactly as it was.
     """
+    from menseg.errors import MensegError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(path.suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise MensegError(f"cannot write here ({e.strerror or e})", path) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        raise MensegError(f"cannot write ({e.strerror or e}); any earlier file there is unchanged",
+                          path) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
