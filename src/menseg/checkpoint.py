@@ -16,9 +16,9 @@ checksum), so :func:`load_latest` can fall back to it, with a warning, when the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from menseg.config import Config, from_dict
 from menseg.errors import MensegError
-from menseg.utils import atomic_path
+from menseg.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,41 +46,43 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _keep_as_previous(path: Path) -> None:
+    """Make :func:`previous_path` a copy of ``path`` (a hard link where the file system allows),
+    with ``path``'s checksum file; ``path`` itself is not touched."""
+    prev = previous_path(path)
+    with atomic_path(prev) as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+    sums = checksum_path(path)
+    if sums.is_file():
+        with atomic_path(checksum_path(prev)) as tmp:
+            tmp.write_text(sums.read_text())
+    else:
+        checksum_path(prev).unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], keep_previous: bool = False) -> None:
     """Write ``state`` to ``path`` atomically (temp file + rename) with its checksum file.
 
     ``state`` must hold only tensors, containers and builtins so that it can be
-    read back with ``weights_only=True``. With ``keep_previous`` an existing ``path`` (and its
-    checksum) first becomes :func:`previous_path`. A failed write (full disk, unwritable folder)
-    raises :class:`MensegError` and leaves the files that were there untouched.
+    read back with ``weights_only=True``. With ``keep_previous`` the file being replaced (and its
+    checksum) is kept as :func:`previous_path`. ``path`` is replaced by one rename at the end, so a
+    process killed at any point leaves either the old or the new file there, and a checksum that
+    matches it or fails (then :func:`load_latest` uses the previous file). A failed write (full disk,
+    unwritable folder) raises :class:`MensegError` and leaves the files that were there untouched.
     """
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, **state}
-    try:
-        with atomic_path(path.with_name(path.name + ".new")) as tmp:
-            torch.save(state, tmp)
-        digest = _sha256(path.with_name(path.name + ".new"))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        digest = sha256_file(tmp)
         if keep_previous and path.is_file():
-            prev = previous_path(path)
-            os.replace(path, prev)
-            if checksum_path(path).is_file():
-                os.replace(checksum_path(path), checksum_path(prev))
-            else:
-                checksum_path(prev).unlink(missing_ok=True)
-        with atomic_path(checksum_path(path)) as tmp:
-            tmp.write_text(digest + "\n")
-        os.replace(path.with_name(path.name + ".new"), path)
-    except OSError as e:
-        path.with_name(path.name + ".new").unlink(missing_ok=True)
-        raise MensegError(f"cannot write checkpoint ({e.strerror or e})", path) from None
+            _keep_as_previous(path)
+        with atomic_path(checksum_path(path)) as sums:
+            sums.write_text(digest + "\n")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -96,7 +98,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     sums = checksum_path(path)
     if sums.is_file():
         want = sums.read_text().strip()
-        if want and _sha256(path) != want:
+        if want and sha256_file(path) != want:
             raise MensegError(f"checkpoint is damaged (its bytes do not match {sums.name})", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

@@ -82,6 +82,24 @@ def truncate_jsonl(path: str | Path, step: int) -> None:
     write_text_atomic(path, "".join(x + "\n" for x in keep))
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """Hex SHA-256 of ``obj`` as canonical JSON (sorted keys; non-JSON values as ``str``): a cache key."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def derive_seed(*parts: int | str) -> int:
     """Derive a 63-bit seed from a tuple of ints/strings, stable across runs and platforms."""
     import hashlib

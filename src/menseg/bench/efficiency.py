@@ -37,7 +37,6 @@ finished benchmark adds runs; changing the data or the budget is refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ import yaml
 from menseg.config import PACKAGED_CONFIGS, Config, flat_config, load_config, to_dict
 from menseg.data.layouts import CaseFiles, discover_cases
 from menseg.errors import MensegError
-from menseg.utils import derive_seed, write_json_atomic
+from menseg.utils import derive_seed, json_digest, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +148,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "menseg"
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def embedded_cohort(spec: CohortSpec, cache_dir: str | Path | None = None) -> Path:
     """Folder of the embedded cohort for ``spec``, generating it on first use.
 
@@ -164,7 +159,7 @@ def embedded_cohort(spec: CohortSpec, cache_dir: str | Path | None = None) -> Pa
 
     key = {"cohort": dataclasses.asdict(spec), "version": COHORT_VERSION, "sidecar": SIDECAR_VERSION}
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / "cohorts" / f"{spec.site}-{spec.spacing_mm:g}mm-{_digest(key)[:12]}"
+    folder = root / "cohorts" / f"{spec.site}-{spec.spacing_mm:g}mm-{json_digest(key)[:12]}"
     if (folder / "cohort.json").is_file():
         return folder
     if min(spec.n_pool, spec.n_test) < 1 or spec.n_unlabeled < 0:

@@ -86,11 +86,12 @@ import torch.nn.functional as fnn
 from torch import Tensor, nn
 
 from menseg.checkpoint import load_checkpoint, save_checkpoint
-from menseg.config import ModelConfig, TranslatorConfig, from_dict, to_dict
+from menseg.config import ModelConfig, TranslatorConfig, flat_config, from_dict, to_dict
 from menseg.constants import MODALITIES, REGION_NAMES, REGIONS, SEG_SUFFIX
 from menseg.data.sampling import choose_start, crop_pad, foreground_coords
 from menseg.device import resolve_device
 from menseg.errors import MensegError
+from menseg.evaluate.metrics import dice
 from menseg.utils import atomic_path, derive_seed, truncate_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ PREVIEW_ROWS = 3
 PREVIEW_RANGE = (-3.0, 3.0)
 #: Huber threshold of the cycle / identity penalties, z-score units (module docstring: why not L1).
 RECON_BETA = 1.0
-#: Config fields that do not change the fit (used by the segmentation trainer).
-_NOT_FIT = ("enabled", "path")
+#: Config fields that do not change the fit (how the segmentation trainer uses the translator).
+NOT_FIT = ("enabled", "path")
 
 
 # ---------------------------------------------------------------- networks
@@ -231,9 +232,7 @@ class _SegLoss(nn.Module):
 
 
 def _recon_loss(x: Tensor, target: Tensor) -> Tensor:
-    """Cycle / identity penalty, mean over voxels: Huber (``RECON_BETA``), plain L1 when it is 0."""
-    if RECON_BETA <= 0:
-        return (x - target).abs().mean()
+    """Cycle / identity penalty: mean Huber with threshold ``RECON_BETA`` (module docstring: why not L1)."""
     return fnn.smooth_l1_loss(x, target, beta=RECON_BETA)
 
 
@@ -241,14 +240,6 @@ def _set_grad(nets: Sequence[nn.Module], flag: bool) -> None:
     for n in nets:
         for p in n.parameters():
             p.requires_grad_(flag)
-
-
-def _hard_dice(logits: Tensor, target: Tensor) -> float:
-    pred = logits > 0
-    t = target > 0.5
-    inter = float((pred & t).sum())
-    denom = float(pred.sum() + t.sum())
-    return 1.0 if denom == 0 else 2.0 * inter / denom
 
 
 # ---------------------------------------------------------------- checks and sampling
@@ -427,7 +418,7 @@ def _preview_rows(G: nn.Module, synthetic: Sequence[tuple[np.ndarray, np.ndarray
 
 
 def _fit_config(cfg: TranslatorConfig, seed: int, spacing: Sequence[float] | None) -> dict[str, Any]:
-    d = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_FIT}
+    d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_FIT}
     return {"translator": d, "seed": int(seed),
             "spacing": [float(s) for s in spacing] if spacing is not None else None}
 
@@ -588,7 +579,8 @@ def fit_translator(
                    "loss_adv": float(adv.detach()), "loss_cycle": float(cyc.detach()),
                    "loss_identity": float(idt.detach()), "loss_semantic": float(sem.detach()),
                    "loss_S": float(loss_s.detach()),
-                   "seg_dice": _hard_dice(seg_fake.detach()[:, -1], target[:, -1])}
+                   "seg_dice": dice((seg_fake.detach()[:, -1] > 0).cpu().numpy(),
+                                    (target[:, -1] > 0.5).cpu().numpy())}
             if not all(math.isfinite(v) for v in rec.values()):
                 raise MensegError(f"translator diverged at step {done} ({rec}); try a lower lr")
             elapsed = time.perf_counter() - t0
@@ -619,20 +611,10 @@ def _check_stored(state: dict[str, Any], fit_cfg: dict[str, Any], path: Path) ->
     if state.get("kind") != KIND or not isinstance(stored, dict):
         raise MensegError("not a menseg translator checkpoint", path)
     if stored != fit_cfg:
-        now, then = _flat(fit_cfg), _flat(stored)
+        now, then = flat_config(fit_cfg), flat_config(stored)
         bad = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
         raise MensegError(f"translator settings differ from the stored fit's in {', '.join(bad)} "
                           f"(stored {then.get(bad[0])!r}, now {now.get(bad[0])!r})", path)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---------------------------------------------------------------- loading

@@ -23,7 +23,6 @@ SHA-256), seed, k and the sampled :class:`~menseg.synth.lesion.InjectionParams`;
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from menseg.errors import MensegError
 from menseg.synth import lesion as _lesion
 from menseg.synth.lesion import InjectionParams, LesionConfig
 from menseg.synth.serial import from_dict, to_plain
-from menseg.utils import derive_seed
+from menseg.utils import derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +74,6 @@ class InjectedCase:
 def injection_seed(seed: int, case_id: str, k: int) -> int:
     """Seed of variant ``k`` of source case ``case_id``: ``derive_seed(seed, "inject", case_id, k)``."""
     return derive_seed(int(seed), "inject", case_id, int(k))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_entry(path: Path, root: Path) -> dict[str, str]:

@@ -26,8 +26,6 @@ Randomness: ``"s2r-sources"`` (the offset ``u_0``), ``"s2r-inject"`` (per scan a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -43,7 +41,7 @@ from menseg.config import Config, Sim2RealConfig, to_dict
 from menseg.data.sampling import PatchChoice, PatchSampler, choose_start, foreground_coords, n_foreground
 from menseg.errors import MensegError
 from menseg.train.augment import augment_batch
-from menseg.utils import derive_seed
+from menseg.utils import derive_seed, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +146,12 @@ class MixedSampler(PatchSampler):
 # ---------------------------------------------------------------- pools
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def synthetic_pool(cfg: Config, cache: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The run seed's synthetic pool ``[(case_id, image, label)]``, shared by runs with one cache."""
     from menseg.synth.pool import synthetic_pool_cases
 
     n, seed = cfg.sim2real.n_synthetic, derive_seed(cfg.train.seed, "s2r-synthetic-pool")
-    key = _digest({"n": n, "seed": seed, "spacing": list(cfg.data.spacing)})
+    key = json_digest({"n": n, "seed": seed, "spacing": list(cfg.data.spacing)})[:12]
     pre = synthetic_pool_cases(cache / "sim2real" / f"synthetic-{key}", n, seed, cfg.data.spacing,
                                cache / "sim2real" / f"synthetic-{key}" / "preprocessed", prefix="S2R-SYN",
                                what="Sim2Real")
@@ -231,16 +225,17 @@ def translated(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarra
     and ``real`` and cached under ``cache/sim2real/translator-<digest>`` (the digest covers the pool,
     the real scans, the translator settings and the seed, so every run of a benchmark seed shares it).
     """
-    from menseg.sim2real.translator import fit_translator, load_translator, translate_image
+    from menseg.sim2real.translator import NOT_FIT, fit_translator, load_translator, translate_image
 
     tc = cfg.sim2real.translator
     fit_seconds = 0.0
     if tc.path:
         path = Path(tc.path)
     else:
-        settings = {k: v for k, v in to_dict(tc).items() if k not in ("enabled", "path")}
-        key = _digest({"synthetic": [c for c, _, _ in synthetic], "real": [c for c, _ in real],
-                       "settings": settings, "seed": cfg.train.seed, "spacing": list(cfg.data.spacing)})
+        settings = {k: v for k, v in to_dict(tc).items() if k not in NOT_FIT}
+        key = json_digest({"synthetic": [c for c, _, _ in synthetic], "real": [c for c, _ in real],
+                           "settings": settings, "seed": cfg.train.seed,
+                           "spacing": list(cfg.data.spacing)})[:12]
         folder = cache / "sim2real" / f"translator-{key}"
         path = folder / "translator.pt"
         if not path.is_file():

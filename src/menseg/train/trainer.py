@@ -109,9 +109,13 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**31 - 1
 
+    def choices(self, step: int, rng: np.random.Generator) -> list[Any]:
+        """The patch choices of ``step`` (``rng`` seeded from ``(seed, "batch", step)``)."""
+        return self.sampler.sample(rng, self.batch_size)
+
     def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        choices = self.sampler.sample(rng, self.batch_size)
+        choices = self.choices(int(step), rng)
         pairs = [self.sampler.extract(c) for c in choices]
         cases = np.asarray([c.case for c in choices], dtype=np.int64)
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
@@ -132,12 +136,8 @@ class MixedBatches(StepBatches):
     """:class:`StepBatches` for Sim2Real (``sampler``: a :class:`menseg.train.sim2real.MixedSampler`):
     the source of each sample of step ``t`` follows the schedule; ``case`` indices are global."""
 
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        choices = self.sampler.sample_step(int(step), rng, self.batch_size)  # type: ignore[attr-defined]
-        pairs = [self.sampler.extract(c) for c in choices]
-        cases = np.asarray([c.case for c in choices], dtype=np.int64)
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
+    def choices(self, step: int, rng: np.random.Generator) -> list[Any]:
+        return self.sampler.sample_step(step, rng, self.batch_size)  # type: ignore[attr-defined]
 
 
 def _iter_batches(
@@ -371,6 +371,7 @@ def train(
     model.to(device)
     s2r: Any = None
     if cfg.sim2real.enabled:
+        from menseg.train.sim2real import UNKNOWN as UNKNOWN_LABEL
         from menseg.train.sim2real import build
 
         s2r = build(cfg, model, train_cases, _cache_dir(cfg, out), device, progress)
@@ -454,9 +455,7 @@ def train(
             img, lab = augment_batch(img, lab, cfg.aug, seeds)
             known = None
             if s2r is not None:
-                from menseg.train.sim2real import UNKNOWN
-
-                unknown = lab == UNKNOWN
+                unknown = lab == UNKNOWN_LABEL
                 if bool(unknown.any()):
                     known, lab = ~unknown, lab.masked_fill(unknown, 0)
             lr = poly_lr(tc.lr, step, tc.steps)
