@@ -46,16 +46,21 @@ def _root(
                      "env MENSEG_MAX_VOXELS)."),
     ] = None,
 ) -> None:
+    import os
+
     _state["debug"] = debug
     if max_voxels is not None:
         if max_voxels < 1:
             raise MensegError(f"--max-voxels must be at least 1, got {max_voxels}")
-        import os
-
         os.environ["MENSEG_MAX_VOXELS"] = str(max_voxels)
+    # Under torchrun every rank runs this: rank 0 logs as one process would, the others only warnings.
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    many = world not in ("", "1")
+    if rank not in ("", "0"):
+        os.environ["TQDM_DISABLE"] = "1"  # one progress bar per run: rank 0's
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.INFO if rank in ("", "0") else logging.WARNING,
+        format=f"%(levelname)s{f' [rank {rank}]' if many else ''} %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -110,15 +115,57 @@ def train_cmd(
         typer.Argument(help="Dotted overrides, e.g. data=DIR train.steps=500 out_dir=runs/x."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out_dir/latest.pt.")] = False,
+    nproc: Annotated[
+        int,
+        typer.Option("--nproc", help="Processes on this machine (DDP; one per GPU on CUDA): a shortcut "
+                     "for torchrun --standalone --nproc_per_node=N -m menseg train ... (multi-node: see "
+                     "README)."),
+    ] = 1,
 ) -> None:
-    """Train a segmentation model; the resolved config is saved in the run folder."""
+    """Train a segmentation model; the resolved config is saved in the run folder.
+
+    train.batch_size is the global batch: under DDP each of N processes trains on batch_size / N samples.
+    """
+    import os
+
     from menseg.config import load_config
 
     cfg = load_config(config, overrides or [])  # fail fast on a bad config, before heavy imports
+    if nproc < 1:
+        raise MensegError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1:
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise MensegError("--nproc is for starting processes; this one already runs under torchrun")
+        from menseg.train.distributed import Context, launch, shard
+
+        shard(cfg.train.batch_size, Context(0, nproc, 0))  # a batch that does not split: fail before starting
+        argv = [*_root_argv(), "train", config, *(overrides or []), *(["--resume"] if resume else [])]
+        rc = launch(nproc, argv)
+        if rc:
+            raise MensegError(f"distributed training failed (torchrun exit code {rc}; the first failing "
+                              "rank's error is above)")
+        return
     from menseg.train.trainer import train
 
     run_dir = train(cfg, resume=resume)
-    typer.echo(f"run folder: {run_dir} (best.pt, latest.pt, metrics.jsonl, config.yaml)")
+    if os.environ.get("RANK", "0") in ("", "0"):
+        typer.echo(f"run folder: {run_dir} (best.pt, latest.pt, metrics.jsonl, config.yaml)")
+
+
+def _root_argv() -> list[str]:
+    """The root options of this invocation (``--debug``, ``-v``, ``--max-voxels N``), to pass on."""
+    out: list[str] = []
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a in ("--debug", "--verbose", "-v"):
+            out.append(a)
+        elif a == "--max-voxels" and i + 1 < len(args):
+            out += [a, args[i + 1]]
+        elif a.startswith("--max-voxels="):
+            out.append(a)
+        elif not a.startswith("-"):
+            break  # the command: root options come before it
+    return out
 
 
 @app.command("predict")
@@ -227,6 +274,30 @@ def bench_speed(
     render_speed(res)
     if out is not None:
         write_json_atomic(out, res)
+
+
+@bench_app.command("reference")
+def bench_reference(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quick: Annotated[bool, typer.Option(help="Tiny sizes, for a smoke test.")] = False,
+    steps: Annotated[int, typer.Option(help="Measured training steps per lane.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per lane.")] = 5,
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 (autocast, any device) or amp (train.amp_dtype auto: bf16 or "
+                          "fp16 + loss scaling on a GPU, fp32 on CPU).")
+    ] = "fp32",
+    out: Annotated[Path | None, typer.Option(help="Keep the cohort, the menseg run and reference.json "
+                                                  "here (an empty or new folder).")] = None,
+) -> None:
+    """Training steps/s and prediction s/case: menseg's trainer vs MONAI's reference DynUNet loop.
+
+    Same network, patch, batch, device and precision, measured in one run on a generated cohort.
+    """
+    from menseg.bench.reference import benchmark_reference, reference_table
+
+    res = benchmark_reference(device=device, quick=quick, steps=steps, warmup=warmup, precision=precision,
+                              out_dir=out)
+    typer.echo(reference_table(res))
 
 
 @app.command("synth")

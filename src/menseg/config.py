@@ -73,6 +73,13 @@ class AugConfig:
     lowres_zoom: tuple[float, float] = (0.5, 1.0)
 
 
+#: ``train.amp_dtype`` and ``train.compile`` values.
+AMP_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16")
+COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune", "eager")
+#: ``infer.stitch`` values.
+STITCH_MODES: tuple[str, ...] = ("auto", "device", "cpu")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation budget and schedule."""
@@ -86,11 +93,24 @@ class TrainConfig:
     fg_oversample: float = 0.33  #: share of patches centred on foreground
     val_every: int = 250
     checkpoint_every: int = 50
-    amp: bool = True  #: mixed precision on CUDA (bf16 where supported)
-    num_workers: int = 0  #: batch-building worker processes
+    amp: bool = True  #: mixed precision (autocast), see ``amp_dtype``
+    #: auto | bf16 | fp16. auto: bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU.
+    #: bf16 / fp16 autocast the CPU too (fp16 with a loss scaler), e.g. to test the paths without a GPU.
+    amp_dtype: str = "auto"
+    channels_last: bool = False  #: channels_last_3d memory format for the network and its inputs
+    #: off | default | reduce-overhead | max-autotune (torch.compile of the network's forward, in place,
+    #: so checkpoints keep their keys) | eager (graph capture only, no code generation: a quick check)
+    compile: str = "off"
+    num_workers: int = 0  #: batch-building worker processes (per rank under DDP)
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("amp_dtype", AMP_DTYPES), ("compile", COMPILE_MODES)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise MensegError(f"train.{key} must be one of {', '.join(allowed)}, got '{value}'")
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,14 @@ class InferConfig:
     #: fp32 | bf16 | auto (bf16 where the device runs it natively: CUDA, CPUs with AVX512-BF16/AMX;
     #: measured 2-3x faster than fp32 on such a CPU with the same Dice on the demo, see CHANGELOG)
     precision: str = "auto"
+    #: auto | device | cpu: where the sliding-window outputs are accumulated. auto: on the CPU when a
+    #: GPU predicts a volume whose buffers (input + 3 outputs + weights, fp32) exceed a quarter of its
+    #: memory, else on the predicting device
+    stitch: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.stitch not in STITCH_MODES:
+            raise MensegError(f"infer.stitch must be one of {', '.join(STITCH_MODES)}, got '{self.stitch}'")
 
 
 #: Where the partner *b* of a spatial mix can come from (``ism.spatial.sources``).

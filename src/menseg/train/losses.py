@@ -6,7 +6,7 @@ sigmoid output for the nested region of :data:`menseg.constants.REGIONS`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +28,17 @@ def labels_to_regions(label: Tensor) -> Tensor:
 
 
 def soft_dice_loss(
-    logits: Tensor, target: Tensor, batch_dice: bool = True, smooth: float = 1e-5, mask: Tensor | None = None
+    logits: Tensor, target: Tensor, batch_dice: bool = True, smooth: float = 1e-5, mask: Tensor | None = None,
+    pool: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``1 - mean soft Dice`` over channels of sigmoid(logits) vs binary ``target``, both ``(B, C, ...)``.
 
     With ``batch_dice`` the batch is pooled into one volume per channel
     (nnU-Net's batch Dice), otherwise Dice is averaged over samples too.
     A channel empty in both prediction and target scores Dice 1. ``mask`` ``(B, 1, ...)`` in {0, 1}
-    leaves voxels of unknown class out (prediction and target both count 0 there).
+    leaves voxels of unknown class out (prediction and target both count 0 there). ``pool`` (batch Dice
+    only) maps the batch's sums to the sums of the global batch (e.g.
+    :func:`menseg.train.distributed.sum_across_ranks` under DDP).
     """
     p = torch.sigmoid(logits.float())
     if mask is not None:
@@ -44,6 +47,8 @@ def soft_dice_loss(
     tp = (p * target).sum(axes)
     fp = (p * (1 - target)).sum(axes)
     fn = ((1 - p) * target).sum(axes)
+    if batch_dice and pool is not None:
+        tp, fp, fn = pool(torch.stack([tp, fp, fn])).unbind(0)
     dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8)
     return 1 - dice.mean()
 
@@ -81,22 +86,30 @@ class RegionDiceBCELoss(nn.Module):
     ``2^-k`` normalised to sum 1.
     """
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = True) -> None:
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, batch_dice: bool = True,
+                 across_ranks: bool = False) -> None:
         super().__init__()
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.batch_dice = batch_dice
+        #: under DDP, pool batch-Dice and masked-BCE sums over the ranks' shards of the global batch
+        self.across_ranks = across_ranks
 
     def single(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Loss of one output ``(B, 3, ...)`` against region targets of the same shape
         (``mask`` ``(B, 1, ...)`` float in {0, 1}: voxels that count)."""
         logits = logits.float()
-        if mask is None:
+        pool = None
+        if self.across_ranks:
+            from menseg.train.distributed import sum_across_ranks as pool
+        if mask is None:  # a mean over samples: DDP's average of the ranks' means is the global mean
             bce = F.binary_cross_entropy_with_logits(logits, target)
         else:
             per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            bce = (per * mask).sum() / (mask.sum() * logits.shape[1]).clamp_min(1.0)
-        dice = soft_dice_loss(logits, target, self.batch_dice, mask=mask)
+            num_den = torch.stack([(per * mask).sum(), mask.sum() * logits.shape[1]])
+            num, den = (pool(num_den) if pool is not None else num_den).unbind(0)
+            bce = num / den.clamp_min(1.0)
+        dice = soft_dice_loss(logits, target, self.batch_dice, mask=mask, pool=pool)
         return self.dice_weight * dice + self.bce_weight * bce
 
     def forward(

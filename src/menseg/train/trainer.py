@@ -20,6 +20,9 @@ The network is initialised from ``(seed, "init")`` and the LR is a pure
 function of ``t``. So the full training state is just model + optimizer (+ AMP
 scaler), all stored in ``latest.pt``; resuming from it reproduces an
 uninterrupted run bit for bit on CPU (on CUDA, with ``train.deterministic``).
+
+Several processes (``torchrun --nproc_per_node=N -m menseg train ...``): DDP, each rank trains on
+its shard of the global batch, only rank 0 writes; see :mod:`menseg.train.distributed`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ POLY_EXPONENT = 0.9
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {
     "train.steps", "train.val_every", "train.checkpoint_every", "train.num_workers", "train.device",
+    "train.compile", "train.channels_last",
 }
 
 
@@ -101,10 +105,12 @@ class StepBatches(torch.utils.data.Dataset):
     ``(seed, t)``, so worker processes need no seeding.
     """
 
-    def __init__(self, sampler: PatchSampler, batch_size: int, seed: int) -> None:
+    def __init__(self, sampler: PatchSampler, batch_size: int, seed: int, part: range | None = None) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.seed = seed
+        #: the samples of each global batch this process builds (a DDP rank's shard); all by default
+        self.part = range(batch_size) if part is None else part
 
     def __len__(self) -> int:
         return 2**31 - 1
@@ -115,7 +121,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        choices = self.choices(int(step), rng)
+        choices = self.choices(int(step), rng)[self.part.start:self.part.stop]
         pairs = [self.sampler.extract(c) for c in choices]
         cases = np.asarray([c.case for c in choices], dtype=np.int64)
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
@@ -129,7 +135,8 @@ class PairBatches(StepBatches):
         from menseg.train.ism import pack_pair
 
         rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        return pack_pair(self.sampler.batch(rng, self.batch_size))
+        sl = slice(self.part.start, self.part.stop)
+        return tuple(a[sl] for a in pack_pair(self.sampler.batch(rng, self.batch_size)))  # type: ignore[return-value]
 
 
 class MixedBatches(StepBatches):
@@ -187,12 +194,27 @@ def _is_longitudinal(root: str) -> bool:
         return False
 
 
-def _amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    if not (cfg.train.amp and device.type == "cuda"):
+def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """Autocast dtype (None: fp32) and loss scaler (fp16 only) of ``train.amp`` / ``train.amp_dtype``."""
+    tc = cfg.train
+    if not tc.amp or (tc.amp_dtype == "auto" and device.type != "cuda"):
         return None, None
-    if torch.cuda.is_bf16_supported():
+    if tc.amp_dtype == "bf16" or (tc.amp_dtype == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.float16, torch.amp.GradScaler(device.type)
+
+
+def prepare_network(model: nn.Module, cfg: Config) -> nn.Module:
+    """``train.channels_last`` and ``train.compile`` applied to ``model`` in place (same state-dict keys)."""
+    tc = cfg.train
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    if tc.compile != "off":
+        if tc.compile == "eager":
+            model.compile(backend="eager")
+        else:
+            model.compile(mode=tc.compile)
+    return model
 
 
 def _cache_dir(cfg: Config, out: Path) -> Path:
@@ -269,31 +291,69 @@ def _load_visits(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
 
 
 def validate(
-    model: nn.Module, cases: Sequence[Any], cfg: Config, device: torch.device
+    model: nn.Module, cases: Sequence[Any], cfg: Config, device: torch.device, ctx: Any = None
 ) -> dict[str, float]:
     """Legacy whole-volume Dice per region on preprocessed validation cases.
 
     Sliding-window prediction (no mirroring) thresholded at ``infer.threshold``.
     Returns ``{"val_ET_dice", "val_TC_dice", "val_WT_dice", "val_mean_dice"}``,
-    each the mean over cases.
+    each the mean over cases. Under DDP (``ctx``: a :class:`menseg.train.distributed.Context`) every
+    rank scores its share of ``cases`` and the sums are all-reduced: all ranks return the same means.
     """
     from menseg.evaluate.metrics import dice, region_masks
     from menseg.infer.sliding import predict_probs
+    from menseg.train.distributed import SINGLE, all_reduce_sum, split_items
 
-    scores: dict[str, list[float]] = {r: [] for r in REGION_NAMES}
-    for case in cases:
+    ctx = SINGLE if ctx is None else ctx
+    sums = torch.zeros(len(REGION_NAMES) + 1, dtype=torch.float64)  # per-region Dice sums, case count
+    for case in split_items(cases, ctx):
         image = torch.from_numpy(np.array(case.image, dtype=np.float32))
         probs = predict_probs(model, image, cfg.train.patch_size, cfg.infer, device, mirror=False)
         pred = (probs > cfg.infer.threshold).numpy()
         ref = region_masks(np.asarray(case.label))
         for i, r in enumerate(REGION_NAMES):
-            scores[r].append(dice(pred[i], ref[r]))
-    out = {f"val_{r}_dice": float(np.mean(v)) for r, v in scores.items()}
+            sums[i] += dice(pred[i], ref[r])
+        sums[-1] += 1
+    if ctx.enabled:
+        sums = all_reduce_sum(sums.to(device)).cpu()
+    n = max(float(sums[-1]), 1.0)
+    out = {f"val_{r}_dice": float(sums[i]) / n for i, r in enumerate(REGION_NAMES)}
     out["val_mean_dice"] = float(np.mean([out[f"val_{r}_dice"] for r in REGION_NAMES]))
     return out
 
 
 # ---------------------------------------------------------------- train
+
+#: Step statistics that count samples: summed over DDP ranks (the others are averaged).
+COUNT_STATS = frozenset({"s2r_real", "s2r_synthetic", "s2r_injected", "ism_mixed", "ism_dropped",
+                         "ism_with_prior", "ism_temporal_mixed"})
+
+
+class _StepModule(nn.Module):
+    """The network (and Sim2Real domain classifier) with the step's whole forward, for DDP to wrap."""
+
+    def __init__(self, compute: Callable[..., tuple[Any, ...]], model: nn.Module, aligner: nn.Module | None
+                 ) -> None:
+        super().__init__()
+        self.compute = compute
+        self.model = model
+        self.aligner = aligner
+
+    def forward(self, *args: Any) -> tuple[Any, ...]:
+        return self.compute(*args)
+
+
+def _reduce_stats(loss: torch.Tensor, stats: dict[str, float], world: int, device: torch.device
+                  ) -> tuple[float, dict[str, float]]:
+    """The global batch's loss (mean over ranks) and step statistics (counts summed, others averaged)."""
+    from menseg.train.distributed import all_reduce_sum
+
+    keys = sorted(stats)  # the same keys on every rank: they follow from the config
+    vec = torch.tensor([float(loss.detach())] + [stats[k] for k in keys], dtype=torch.float64, device=device)
+    vec = all_reduce_sum(vec).cpu()
+    out = {k: float(vec[i + 1]) / (1 if k in COUNT_STATS else world) for i, k in enumerate(keys)}
+    return float(vec[0]) / world, out
+
 
 
 def train(
@@ -318,30 +378,57 @@ def train(
             benchmark's overall progress display).
     """
     from menseg.infer.sliding import resolve_device
-    from menseg.ism.model import ISMNet, build_model
-    from menseg.train.augment import augment_batch
-    from menseg.train.losses import RegionDiceBCELoss
+    from menseg.train import distributed as ddp
 
     tc = cfg.train
     if tc.steps < 1 or tc.batch_size < 1 or tc.val_every < 1 or tc.checkpoint_every < 1:
         raise MensegError("train.steps, batch_size, val_every and checkpoint_every must be at least 1")
+    env = ddp.context_from_env()
+    ddp.shard(tc.batch_size, env)  # a batch that does not split over the processes fails before any work
+    device = resolve_device(ddp.device_for(env, tc.device))
+    owns_group = env.enabled and not ddp.current().enabled
+    ctx = ddp.setup(device)
+    try:
+        return _train(cfg, resume, ctx, device, stop_at=stop_at, progress=progress and ctx.main,
+                      on_step=on_step)
+    finally:
+        if owns_group:
+            ddp.teardown()
+
+
+def _train(
+    cfg: Config,
+    resume: bool,
+    ctx: Any,
+    device: torch.device,
+    *,
+    stop_at: int | None,
+    progress: bool,
+    on_step: Callable[[int, int], None] | None,
+) -> Path:
+    from menseg.ism.model import ISMNet, build_model
+    from menseg.train import distributed as ddp
+    from menseg.train.augment import augment_batch
+    from menseg.train.losses import RegionDiceBCELoss
+
+    tc = cfg.train
     out = Path(cfg.out_dir)
     latest, best_path = out / "latest.pt", out / "best.pt"
     metrics_path = out / "metrics.jsonl"
     state: dict[str, Any] | None = None
-    if resume:
-        if not latest.is_file():
-            raise MensegError("nothing to resume: no latest.pt in the run folder", out)
-        state, used = load_latest(latest)
-        _check_resume_config(cfg, state.get("config", {}), used)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MensegError(
-            "run folder is not empty; use --resume to continue it or choose another out_dir", out
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-
-    device = resolve_device(tc.device)
+    if ctx.main:  # the other ranks wait at the broadcast below
+        if resume:
+            if not latest.is_file():
+                raise MensegError("nothing to resume: no latest.pt in the run folder", out)
+            state, used = load_latest(latest)
+            _check_resume_config(cfg, state.get("config", {}), used)
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise MensegError(
+                "run folder is not empty; use --resume to continue it or choose another out_dir", out
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    state = ddp.broadcast(ctx, state)
     if tc.deterministic:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -354,51 +441,66 @@ def train(
         raise MensegError("sim2real does not run on visit pairs yet (a longitudinal data.root with "
                           "ism.temporal); use a BraTS / nnU-Net layout or switch one of them off",
                           cfg.data.root)
-    if visits:
-        from menseg.ism.visits import PairSampler
+    # What each rank draws on its own (dropout, ISM mixing, alignment patches) uses its rank seed;
+    # data, augmentation and pools use the run seed.
+    rseed = ddp.rank_seed(tc.seed, ctx.rank)
+    rcfg = cfg if rseed == tc.seed else replace(cfg, train=replace(tc, seed=rseed))
+    with ddp.main_first(ctx):  # rank 0 fills the caches (preprocessing, pools, translator), then the others
+        if visits:
+            from menseg.ism.visits import PairSampler
 
-        train_cases, val_cases = _load_visits(cfg, out)
-        sampler: Any = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
-    else:
-        train_cases, val_cases = _load_data(cfg, out)
-        if not cfg.sim2real.enabled:  # else the Sim2Real sampler (below) also holds synthetic cases
-            sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size,
-                                   tc.fg_oversample)
+            train_cases, val_cases = _load_visits(cfg, out)
+            sampler: Any = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
+        else:
+            train_cases, val_cases = _load_data(cfg, out)
+            if not cfg.sim2real.enabled:  # else the Sim2Real sampler (below) also holds synthetic cases
+                sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size,
+                                       tc.fg_oversample)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(tc.seed, "init"))
-        model = build_model(cfg)
-    model.to(device)
-    s2r: Any = None
-    if cfg.sim2real.enabled:
-        from menseg.train.sim2real import UNKNOWN as UNKNOWN_LABEL
-        from menseg.train.sim2real import build
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(tc.seed, "init"))
+            model = build_model(cfg)
+        model.to(device)
+        s2r: Any = None
+        if cfg.sim2real.enabled:
+            from menseg.train.sim2real import UNKNOWN as UNKNOWN_LABEL
+            from menseg.train.sim2real import build
 
-        s2r = build(cfg, model, train_cases, _cache_dir(cfg, out), device, progress)
-        sampler = s2r.sampler
-    ism_step: Any = None
-    if visits:
-        from menseg.train.ism import VisitStep
+            s2r = build(cfg, model, train_cases, _cache_dir(cfg, out), device, progress)
+            sampler = s2r.sampler
+            if s2r.align is not None:
+                s2r.align.cfg = rcfg
+        ism_step: Any = None
+        if visits:
+            from menseg.train.ism import VisitStep
 
-        ism_step = VisitStep(cfg, model)  # type: ignore[arg-type]
-    elif isinstance(model, ISMNet) and (cfg.ism.spatial.enabled or cfg.ism.modal.enabled):
-        from menseg.train.ism import ISMStep, synthetic_pool
+            ism_step = VisitStep(rcfg, model)  # type: ignore[arg-type]
+        elif isinstance(model, ISMNet) and (cfg.ism.spatial.enabled or cfg.ism.modal.enabled):
+            from menseg.train.ism import ISMStep, synthetic_pool
 
-        syn = None
-        if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
-            syn = synthetic_pool(cfg, out, _cache_dir(cfg, out))
-        ism_step = ISMStep(cfg, model, sampler, syn)
+            syn = None
+            if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
+                syn = synthetic_pool(cfg, out, _cache_dir(cfg, out))
+            ism_step = ISMStep(rcfg, model, sampler, syn)
     aligner = s2r.align.aligner if s2r is not None and s2r.align is not None else None
+    if ctx.enabled:
+        model = ddp.sync_batch_norm(model, device)
+        if ism_step is not None:
+            ism_step.model = model
+        if s2r is not None and s2r.align is not None:
+            s2r.align.model = model
+    prepare_network(model, cfg)
     params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
     opt = torch.optim.SGD(
         params, lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
     )
-    amp_dtype, scaler = _amp_setup(cfg, device)
-    loss_fn = RegionDiceBCELoss()
+    amp_dtype, scaler = amp_setup(cfg, device)
+    loss_fn = RegionDiceBCELoss(across_ranks=ctx.enabled)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters on %s%s", getattr(model, "describe", lambda: cfg.model.name)(),
+    log.info("model %s: %.2fM parameters on %s%s%s", getattr(model, "describe", lambda: cfg.model.name)(),
              n_params / 1e6, device,
-             f", autocast {amp_dtype}" if amp_dtype else "")
+             f", autocast {amp_dtype}" if amp_dtype else "",
+             f", {ctx.world} processes (global batch {tc.batch_size})" if ctx.enabled else "")
 
     start, best_metric, best_step, elapsed = 0, -math.inf, -1, 0.0
     if state is not None:
@@ -415,7 +517,8 @@ def train(
         best_metric = float(state.get("best_metric") if state.get("best_metric") is not None else -math.inf)
         best_step = int(state.get("best_step", -1))
         elapsed = float(state.get("elapsed", 0.0))
-        truncate_jsonl(metrics_path, start)
+        if ctx.main:
+            truncate_jsonl(metrics_path, start)
         log.info("resuming %s from step %d", out, start)
     if start >= tc.steps:
         log.info("run already complete (%d/%d steps)", start, tc.steps)
@@ -436,51 +539,70 @@ def train(
             "val_cases": [c.case_id for c in val_cases],
         }
 
+    part = ddp.shard(tc.batch_size, ctx)
     ds = (PairBatches if visits else MixedBatches if s2r is not None else StepBatches)(
-        sampler, tc.batch_size, tc.seed)
+        sampler, tc.batch_size, tc.seed, part)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
     from tqdm.auto import tqdm
+
+    def compute(step: int, img: torch.Tensor, lab: torch.Tensor, meta: torch.Tensor) -> tuple[Any, ...]:
+        """The step's ``(outputs, target, alignment loss or None, stats)``."""
+        stats: dict[str, float] = {}
+        if ism_step is not None:
+            outputs, target, ism_stats = ism_step.forward(
+                step, img, lab, meta.to(device) if visits else meta.tolist())
+            stats.update(ism_stats)
+        else:
+            outputs, target = model(img), lab
+        align_loss = None
+        if s2r is not None and s2r.align is not None:
+            align_loss, align_stats = s2r.align.loss(step, device)
+            stats.update(align_stats)
+        return outputs, target, align_loss, stats
+
+    forward: Callable[..., tuple[Any, ...]] = compute
+    if ctx.enabled:  # the whole step's forward runs inside DDP, so every parameter it uses is reduced
+        plain = not isinstance(model, ISMNet) and aligner is None
+        forward = nn.parallel.DistributedDataParallel(
+            _StepModule(compute, model, aligner),
+            device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=not plain)
 
     bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress,
                leave=on_step is None)
     t0 = time.perf_counter() - elapsed
     model.train()
-    with open(metrics_path, "a") as mf:
+    with open(metrics_path, "a") if ctx.main else contextlib.nullcontext() as mf:
         for step, (img, lab, meta) in zip(range(start, end), batches, strict=True):
-            torch.manual_seed(derive_seed(tc.seed, "step", step))  # dropout etc.
+            torch.manual_seed(derive_seed(rseed, "step", step))  # dropout etc.
             img = img.to(device, non_blocking=True)
             lab = lab.to(device, non_blocking=True)
-            seeds = [derive_seed(tc.seed, "aug", step, b) for b in range(img.shape[0])]
+            seeds = [derive_seed(tc.seed, "aug", step, b) for b in part]  # global sample index
             img, lab = augment_batch(img, lab, cfg.aug, seeds)
+            if tc.channels_last:
+                img = img.contiguous(memory_format=torch.channels_last_3d)
             known = None
             if s2r is not None:
                 unknown = lab == UNKNOWN_LABEL
-                if bool(unknown.any()):
+                # under DDP every rank takes the masked path, so all run the same collectives
+                if ctx.enabled or bool(unknown.any()):
                     known, lab = ~unknown, lab.masked_fill(unknown, 0)
             lr = poly_lr(tc.lr, step, tc.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                   else contextlib.nullcontext())
+            autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                        else contextlib.nullcontext())
             stats: dict[str, float] = {}
             if s2r is not None:
                 srcs = [s2r.sampler.source_of(int(c)) for c in meta.tolist()]
                 stats.update({f"s2r_{n}": float(srcs.count(k)) for k, n in enumerate(("real", "synthetic",
                                                                                        "injected"))})
-            with ctx:
-                if ism_step is not None:
-                    outputs, target, ism_stats = ism_step.forward(
-                        step, img, lab, meta.to(device) if visits else meta.tolist())
-                    stats.update(ism_stats)
-                else:
-                    outputs, target = model(img), lab
-                if s2r is not None and s2r.align is not None:
-                    align_loss, align_stats = s2r.align.loss(step, device)
-                    stats.update(align_stats)
+            with autocast:
+                outputs, target, align_loss, step_stats = forward(step, img, lab, meta)
+            stats.update(step_stats)
             loss = loss_fn(outputs, target, known)
-            if s2r is not None and s2r.align is not None:
+            if align_loss is not None:
                 loss = loss + align_loss
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -493,23 +615,30 @@ def train(
                 nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 opt.step()
             done = step + 1
-            loss_v = float(loss.detach())
+            if ctx.enabled:
+                loss_v, stats = _reduce_stats(loss, stats, ctx.world, device)
+            else:
+                loss_v = float(loss.detach())
             if not math.isfinite(loss_v):
                 raise MensegError(f"training diverged at step {done} (loss {loss_v}); try a lower train.lr")
             rec: dict[str, Any] = {"step": done, "loss": loss_v, "lr": lr, **stats}
             if val_cases and (done % tc.val_every == 0 or done == tc.steps):
-                rec.update(validate(model, val_cases, cfg, device))
+                rec.update(validate(model, val_cases, cfg, device, ctx))
                 model.train()
-                if rec["val_mean_dice"] > best_metric:
+                if rec["val_mean_dice"] > best_metric:  # the same all-reduced figure on every rank
                     best_metric, best_step = rec["val_mean_dice"], done
-                    save_checkpoint(best_path, make_state(done))
+                    if ctx.main:
+                        save_checkpoint(best_path, make_state(done))
                     log.info("step %d: new best val mean Dice %.4f", done, best_metric)
             elapsed = time.perf_counter() - t0
             rec["time"] = round(elapsed, 3)  # wall seconds since the run started, resumes included
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            if mf is not None:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
             if done % tc.checkpoint_every == 0 or done == tc.steps:
-                save_checkpoint(latest, make_state(done), keep_previous=True)
+                ddp.check_in_sync(ctx, params, device)
+                if ctx.main:
+                    save_checkpoint(latest, make_state(done), keep_previous=True)
             bar.update(1)
             if on_step is not None:
                 on_step(done, tc.steps)
@@ -523,4 +652,5 @@ def train(
     return out
 
 
-__all__ = ["MixedBatches", "PairBatches", "StepBatches", "poly_lr", "split_cases", "train", "validate"]
+__all__ = ["MixedBatches", "PairBatches", "StepBatches", "amp_setup", "poly_lr", "prepare_network",
+           "split_cases", "train", "validate"]
