@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -102,6 +103,31 @@ def _patch_predictor(
     return predict
 
 
+#: Share of a GPU's memory the stitching buffers may take before ``infer.stitch: auto`` moves them to the CPU.
+STITCH_GPU_SHARE = 0.25
+
+
+def stitch_device(
+    dev: torch.device, shape: Sequence[int], stitch: str = "auto", total_memory: int | None = None
+) -> torch.device:
+    """Where sliding-window outputs of a ``(C, x, y, z)`` volume are accumulated (``infer.stitch``).
+
+    On a GPU, ``auto`` keeps them there unless input, 3 output channels and the weight map (fp32)
+    would take more than :data:`STITCH_GPU_SHARE` of its memory (``total_memory``: bytes, read from
+    the device when None); the windows still run on the GPU, one batch at a time.
+    """
+    if stitch not in ("auto", "device", "cpu"):
+        raise MensegError(f"infer.stitch must be auto, device or cpu, got '{stitch}'")
+    if dev.type == "cpu" or stitch == "device":
+        return dev
+    if stitch == "cpu":
+        return torch.device("cpu")
+    need = (int(shape[0]) + len(REGION_NAMES) + 1) * math.prod(int(v) for v in shape[1:]) * 4
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else need
+    return torch.device("cpu") if need > STITCH_GPU_SHARE * total_memory else dev
+
+
 def predict_probs(
     model: nn.Module,
     image: torch.Tensor,
@@ -146,10 +172,11 @@ def predict_probs(
 
     model.to(dev)
     predictor = _patch_predictor(model, use_mirror, dev, cfg.precision)
-    batch = image.to(device=dev, dtype=torch.float32).unsqueeze(0)
+    out_dev = stitch_device(dev, image.shape, cfg.stitch)
+    batch = image.to(device=out_dev, dtype=torch.float32).unsqueeze(0)
     log.debug(
-        "sliding window: volume %s, patch %s, overlap %.2f, mirror %s, %s on %s",
-        tuple(image.shape[1:]), tuple(patch_size), cfg.overlap, use_mirror, cfg.precision, dev,
+        "sliding window: volume %s, patch %s, overlap %.2f, mirror %s, %s on %s, stitched on %s",
+        tuple(image.shape[1:]), tuple(patch_size), cfg.overlap, use_mirror, cfg.precision, dev, out_dev,
     )
     with _eval_mode(model), torch.inference_mode():
         out = sliding_window_inference(
@@ -162,7 +189,7 @@ def predict_probs(
             padding_mode="constant",
             cval=0.0,
             sw_device=dev,
-            device=dev,
+            device=out_dev,
             progress=progress,
         )
     assert isinstance(out, torch.Tensor)
@@ -179,6 +206,6 @@ def predict_probs(
 
 
 __all__ = [
-    "MIRROR_AXES", "PRECISIONS", "autocast_context", "bf16_is_fast", "predict_probs", "resolve_device",
-    "resolve_precision",
+    "MIRROR_AXES", "PRECISIONS", "STITCH_GPU_SHARE", "autocast_context", "bf16_is_fast", "predict_probs",
+    "resolve_device", "resolve_precision", "stitch_device",
 ]
