@@ -293,3 +293,18 @@ def test_bad_arguments(tmp_path: Path) -> None:
         eff.run_efficiency(tmp_path / "full", profile=prof, data=root, test_size=2, labeled=[1],
                            progress=False)
     assert (tmp_path / "full" / "x.txt").read_text() == "mine"
+
+
+def test_a_foreign_folder_is_left_untouched_and_a_killed_first_write_is_no_obstacle(tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(MensegError, match="holds no benchmark"):
+        eff.run_efficiency(foreign, profile=_profile(tmp_path), progress=False, device="cpu")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]  # not even a lock file
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".bench.json.x1y2z3.tmp.json").write_text("{")  # bench.json's first write, cut short
+    (killed / ".lock").write_text("")
+    assert not eff._foreign(killed)
+    assert eff._foreign(foreign)

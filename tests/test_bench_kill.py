@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 import yaml
 
 from menseg.checkpoint import load_checkpoint, load_latest
+from proc_helpers import steps_done, subprocess_env
 
 STEPS = 6
 LABELED = (1, 2, 3)  # one seed: three runs, trained in this order (seed-major, then N)
@@ -50,25 +50,12 @@ def _cmd(tmp: Path, out: Path) -> list[str]:
             "--profile", str(tmp / "micro-kill.yaml"), "--device", "cpu", "--cache-dir", str(tmp / "cache")]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _run_dirs(out: Path) -> list[Path]:
     return [out / "runs" / "baseline" / f"n{n}" / "seed0" for n in LABELED]
 
 
-def _steps_done(train_dir: Path) -> int:
-    path = train_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    n = 0
-    for line in path.read_text().splitlines():
-        try:
-            n = max(n, int(json.loads(line)["step"]))
-        except (ValueError, KeyError):
-            continue  # a line cut by the kill
-    return n
 
 
 def _snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
@@ -88,10 +75,10 @@ def _kill_mid_way(tmp: Path, out: Path, run_index: int, step: int) -> None:
     """Start the benchmark and SIGKILL it once ``run_index`` (0-based, > 0) has trained ``step`` steps."""
     target = _run_dirs(out)[run_index]
     log = open(tmp / f"{out.name}.log", "w")
-    proc = subprocess.Popen(_cmd(tmp, out), env=_env(), stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(_cmd(tmp, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while _steps_done(target / "train") < step and proc.poll() is None and time.monotonic() < deadline:
+        while steps_done(target / "train") < step and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -105,7 +92,8 @@ def _kill_mid_way(tmp: Path, out: Path, run_index: int, step: int) -> None:
 def test_sigkilled_benchmark_resumes_to_the_uninterrupted_results(tmp_path: Path) -> None:
     _profile(tmp_path)
     ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(tmp_path, ref), env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    r = subprocess.run(_cmd(tmp_path, ref), env=subprocess_env(), capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
 
     rng = np.random.default_rng()  # a different kill point each time: a later run, at some step
@@ -120,7 +108,7 @@ def test_sigkilled_benchmark_resumes_to_the_uninterrupted_results(tmp_path: Path
         pytest.fail(f"could not kill the benchmark between runs: at the kill points {tries}, "
                     f"{len(done)} of {len(LABELED)} runs were finished "
                     f"(0: slower than {TIMEOUT_S} s; all: too quick to catch)")
-    on_disk = [_steps_done(d / "train") for d in _run_dirs(out)]
+    on_disk = [steps_done(d / "train") for d in _run_dirs(out)]
     where = (f"killed at run {run_index + 1}/{len(LABELED)}, step >= {step}: {len(done)} runs finished, "
              f"steps on disk {on_disk}")
     before = {d: _snapshot(d) for d in done}
@@ -130,7 +118,7 @@ def test_sigkilled_benchmark_resumes_to_the_uninterrupted_results(tmp_path: Path
     ckpt_step = load_latest(cut / "latest.pt")[0]["step"] if (cut / "latest.pt").is_file() else 0
     lines_at_kill = (cut / "metrics.jsonl").read_text().splitlines()[:ckpt_step] if ckpt_step else []
 
-    resumed = subprocess.run(_cmd(tmp_path, out), env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_cmd(tmp_path, out), env=subprocess_env(), capture_output=True, text=True,
                              timeout=TIMEOUT_S)
     assert resumed.returncode == 0, f"{where}\n{resumed.stderr[-3000:]}"
     assert f"{len(LABELED) - len(done)} to do" in resumed.stderr, where

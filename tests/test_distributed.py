@@ -4,7 +4,6 @@ batch; ISM + Sim2Real under DDP; the precision / memory-format / compile code pa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,18 @@ from menseg.data.phantom import write_phantom_dataset
 from menseg.errors import MensegError
 from menseg.train import distributed as ddp
 from menseg.train.trainer import amp_setup, train
+from proc_helpers import subprocess_env
 
 STEPS = 4
 TINY = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16,16,16]",
         "train.checkpoint_every=1", "train.deterministic=true", "train.device=cpu"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _menseg(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "menseg", *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+                          env=subprocess_env(), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -63,7 +60,7 @@ def test_a_batch_that_does_not_split_is_refused_before_any_work(tmp_path: Path) 
         ddp.shard(3, ddp.Context(0, 2, 0))
     proc = subprocess.run([sys.executable, "-m", "menseg", "train", "baseline", "train.batch_size=3",
                            f"out_dir={tmp_path / 'x'}", "data=nowhere", "--nproc", "2"],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert proc.returncode == 2 and "multiple of the number of processes" in proc.stderr
     assert not (tmp_path / "x").exists()
 
@@ -75,13 +72,13 @@ def test_rank_seeds_context_and_launch_command(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert ddp.context_from_env() == ddp.Context(2, 4, 0)
+    assert ddp.context_fromsubprocess_env() == ddp.Context(2, 4, 0)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(MensegError, match="bad distributed environment"):
-        ddp.context_from_env()
+        ddp.context_fromsubprocess_env()
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(MensegError, match="not an integer"):
-        ddp.context_from_env()
+        ddp.context_fromsubprocess_env()
     cmd = ddp.torchrun_command(2, ["train", "baseline"])
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc_per_node=2" in cmd and cmd[-3:] == ["menseg", "train", "baseline"]

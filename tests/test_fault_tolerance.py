@@ -4,7 +4,6 @@ uninterrupted run (CPU, deterministic mode)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from menseg.checkpoint import load_checkpoint
 from menseg.data.phantom import write_phantom_dataset
+from proc_helpers import steps_done, subprocess_env
 
 STEPS = 8
 
@@ -29,21 +29,8 @@ def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "train.deterministic=true", "train.device=cpu", *extra]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _steps_done(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    n = 0
-    for line in path.read_text().splitlines():
-        try:
-            n = max(n, int(json.loads(line)["step"]))
-        except (ValueError, KeyError):
-            continue
-    return n
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +42,21 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(data: Path, tmp_path: Path) -> None:
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(data, ref), check=True, env=_env(), capture_output=True, timeout=300)
+    subprocess.run(_cmd(data, ref), check=True, env=subprocess_env(), capture_output=True, timeout=300)
     kill_after = int(np.random.default_rng().integers(1, STEPS - 1))  # a different step each run
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(data, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(data, run), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while _steps_done(run) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        while steps_done(run) < kill_after and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill (step {kill_after})"
-    resumed = subprocess.run(_cmd(data, run, "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(_cmd(data, run, "--resume"), env=subprocess_env(), capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_checkpoint(ref / "latest.pt"), load_checkpoint(run / "latest.pt")
     assert a["step"] == b["step"] == STEPS
@@ -76,3 +64,36 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(data: Path, t
         assert torch.equal(a["model"][k], b["model"][k]), (k, kill_after)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
+
+
+def test_one_writer_per_folder_and_leftovers_of_killed_writes_are_cleared(data: Path, tmp_path: Path) -> None:
+    from menseg.config import load_config
+    from menseg.errors import MensegError
+    from menseg.train.trainer import train
+    from menseg.utils import atomic_leftovers, folder_lock
+
+    with folder_lock(tmp_path / "f", "test"):  # a second holder, even in this process, is refused
+        with pytest.raises(MensegError, match="another process is using this test folder"):
+            with folder_lock(tmp_path / "f", "test"):
+                pass
+    with folder_lock(tmp_path / "f", "test"):  # released on exit
+        pass
+
+    run = tmp_path / "run"
+    cfg = load_config("baseline", _cmd(data, run)[5:])
+    train(cfg, progress=False, stop_at=2)
+    stale = run / ".latest.pt.k1ll3d.tmp.pt"  # what a kill inside save_checkpoint leaves
+    stale.write_bytes(b"\0" * 64)
+    assert atomic_leftovers(run) == [stale]
+    with folder_lock(run, "training run"):  # e.g. the same run started in another terminal
+        with pytest.raises(MensegError, match="another process is using this training run folder"):
+            train(cfg, resume=True, progress=False)
+    train(cfg, resume=True, progress=False)
+    assert not stale.exists() and load_checkpoint(run / "latest.pt")["step"] == STEPS
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(MensegError, match="not empty"):
+        train(load_config("baseline", [*_cmd(data, foreign)[5:]]), progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # no lock file left in it

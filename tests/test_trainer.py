@@ -50,8 +50,8 @@ def _lines(path: Path) -> list[dict]:
 def test_end_to_end_outputs(full_run) -> None:
     cfg, out = full_run
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "best.pt.sha256", "config.yaml", "latest.prev.pt", "latest.prev.pt.sha256", "latest.pt",
-        "latest.pt.sha256", "metrics.jsonl"]
+        ".lock", "best.pt", "best.pt.sha256", "config.yaml", "latest.prev.pt", "latest.prev.pt.sha256",
+        "latest.pt", "latest.pt.sha256", "metrics.jsonl"]
     assert load_checkpoint(out / "latest.prev.pt")["step"] == STEPS - 2  # the checkpoint before
     assert from_dict(Config, yaml.safe_load((out / "config.yaml").read_text())) == cfg
     recs = _lines(out / "metrics.jsonl")

@@ -43,6 +43,59 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+#: The lock file :func:`folder_lock` keeps in a run or benchmark folder.
+LOCK_NAME = ".lock"
+
+
+def atomic_leftovers(folder: str | Path) -> list[Path]:
+    """Temporary files :func:`atomic_path` left in ``folder`` when its process was killed mid-write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith(".") and ".tmp" in p.name
+                  and p.name.count(".") >= 3)
+
+
+def remove_atomic_leftovers(folder: str | Path) -> int:
+    """Delete :func:`atomic_leftovers` of ``folder`` (call only while no other process writes there);
+    returns how many were removed."""
+    gone = 0
+    for p in atomic_leftovers(folder):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            gone += 1
+    return gone
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.lock``) or fail at once with a one-line error: two
+    processes must not write one run or benchmark folder. The system drops the lock when the process
+    dies, even by SIGKILL, so a killed run never leaves a stale lock."""
+    from menseg.errors import MensegError
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise MensegError(f"cannot use this {what} folder ({e.strerror or e})", folder) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise MensegError(f"another process is using this {what} folder (wait for it to end, or use "
+                              "another folder)", folder) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file + rename)."""
     with atomic_path(path) as tmp:

@@ -54,7 +54,15 @@ import yaml
 from menseg.config import PACKAGED_CONFIGS, Config, flat_config, load_config, to_dict
 from menseg.data.layouts import CaseFiles, discover_cases
 from menseg.errors import MensegError
-from menseg.utils import derive_seed, json_digest, write_json_atomic
+from menseg.utils import (
+    LOCK_NAME,
+    atomic_leftovers,
+    derive_seed,
+    folder_lock,
+    json_digest,
+    remove_atomic_leftovers,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +381,14 @@ def plan_runs(
     return runs
 
 
+def _foreign(out: Path) -> bool:
+    """``out`` holds something besides our lock and the temporary files of a killed first write."""
+    if not out.is_dir():
+        return False
+    leftovers = set(atomic_leftovers(out))
+    return any(p.name != LOCK_NAME and p not in leftovers for p in out.iterdir())
+
+
 def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequence[str]) -> dict[str, Any]:
     """Write ``bench.json`` on first use; afterwards refuse other data or another budget."""
     plan = {
@@ -397,7 +413,7 @@ def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequenc
                     f"this benchmark folder was made with another {k} ({old.get(k)!r} vs now "
                     f"{plan[k]!r}); resume with the same data and profile, or use a new --out", path)
         return old
-    if out.exists() and any(out.iterdir()):
+    if _foreign(out):
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
@@ -515,10 +531,7 @@ def run_efficiency(
     Returns:
         ``{name: path}`` of the report files.
     """
-    from tqdm.auto import tqdm
 
-    from menseg.bench.env import environment
-    from menseg.bench.report import write_report
     from menseg.device import resolve_device
 
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -533,6 +546,25 @@ def run_efficiency(
         raise MensegError("no variants given")
     dev = resolve_device(device)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MensegError("--out is a file, not a folder", out)
+    if not (out / "bench.json").is_file() and _foreign(out):  # refused before anything is written there
+        raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
+    with folder_lock(out, "benchmark"):  # two commands must not train the same runs
+        remove_atomic_leftovers(out)
+        return _run_locked(out, variants, labeled, n_seeds, prof, data, unlabeled, test_size, overrides,
+                           device, dev, cache_dir, progress, command, started)
+
+
+def _run_locked(out: Path, variants: Sequence[str], labeled: list[int], n_seeds: int, prof: Profile,
+                data: str | Path | None, unlabeled: str | Path | None, test_size: int | None,
+                overrides: Sequence[str], device: str, dev: Any, cache_dir: str | Path | None,
+                progress: bool, command: str | None, started: str) -> dict[str, Path]:
+    from tqdm.auto import tqdm
+
+    from menseg.bench.env import environment
+    from menseg.bench.report import write_report
+
     bench_data = resolve_data(prof, data, unlabeled, test_size, labeled, cache_dir)
     runs = plan_runs(out, variants, labeled, range(n_seeds), prof, bench_data, overrides, device)
     _check_plan(out, bench_data, prof, overrides)

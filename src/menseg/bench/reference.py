@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from menseg.bench.env import environment, loadavg
+from menseg.bench.speed import cudnn_benchmark, sync
 from menseg.config import InferConfig, ModelConfig, TrainConfig, load_config
 from menseg.constants import MODALITIES
 from menseg.device import resolve_device
@@ -149,23 +150,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(device: torch.device) -> Iterator[None]:
-    """cuDNN autotuning on CUDA for the block, as the trainer switches it on."""
-    old = torch.backends.cudnn.benchmark
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old
 
 
 @contextlib.contextmanager
@@ -310,8 +294,8 @@ def _monai_lane(sizes: ReferenceSizes, data: Path, device: torch.device, warmup:
     it = batches()
     ends: list[float] = []
     loss_v = math.nan
-    with _cudnn_benchmark(device):
-        _sync(device)
+    with cudnn_benchmark(device):
+        sync(device)
         start = time.perf_counter()
         for _ in range(total):
             batch = next(it)
@@ -331,7 +315,7 @@ def _monai_lane(sizes: ReferenceSizes, data: Path, device: torch.device, warmup:
                 loss.backward()
                 opt.step()
             sched.step()
-            _sync(device)
+            sync(device)
             ends.append(time.perf_counter())
             loss_v = float(loss.detach())
     if not math.isfinite(loss_v):
@@ -359,10 +343,10 @@ def _predict_input(sizes: ReferenceSizes, data: Path, seed: int = 0) -> torch.Te
 def _time_predict(fn: Any, device: torch.device) -> tuple[float, torch.Tensor]:
     if device.type == "cuda":
         fn()  # cuDNN autotuning and allocator warm-up, untimed
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, out
 
 
@@ -389,7 +373,7 @@ def _predict_both(model: torch.nn.Module, image: torch.Tensor, sizes: ReferenceS
         return torch.as_tensor(probs)[0].cpu()
 
     model.to(device)
-    with _cudnn_benchmark(device):
+    with cudnn_benchmark(device):
         log.info("predicting a %s volume: menseg", "x".join(map(str, image.shape)))
         t_menseg, p_menseg = _time_predict(menseg_predict, device)
         log.info("predicting a %s volume: MONAI", "x".join(map(str, image.shape)))

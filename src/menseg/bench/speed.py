@@ -82,7 +82,8 @@ def default_models(quick: bool = False) -> dict[str, BenchModel]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so wall-clock timings are of finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -140,7 +141,8 @@ class _PeakMemory:
 
 
 @contextmanager
-def _cudnn_benchmark(device: torch.device) -> Iterator[None]:
+def cudnn_benchmark(device: torch.device) -> Iterator[None]:
+    """cuDNN autotuning on CUDA for the block, as the trainer switches it on."""
     old = torch.backends.cudnn.benchmark
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -190,11 +192,11 @@ def measure_training(
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return steps / (time.perf_counter() - t0)
 
 
@@ -212,10 +214,10 @@ def measure_prediction(
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(tuple(shape), generator=g)
     cfg = InferConfig(overlap=overlap, mirror=mirror, precision=precision, sw_batch_size=1)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     predict_probs(model, image, patch_size, cfg, device)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -225,7 +227,7 @@ def _warm_up_inference(model: nn.Module, patch_size: Sequence[int], device: torc
     model.eval()
     with torch.inference_mode(), autocast_context(device, precision):
         model(torch.zeros((1, 4, *patch_size), device=device))
-    _sync(device)
+    sync(device)
 
 
 def _global_warm_up(device: torch.device, precisions: Sequence[str]) -> None:
@@ -309,7 +311,7 @@ def benchmark_speed(
         "models": {},
     }
     names = list(models)
-    with _cudnn_benchmark(dev):
+    with cudnn_benchmark(dev):
         _global_warm_up(dev, precisions)
         for i, name in enumerate(names):
             spec = models[name]

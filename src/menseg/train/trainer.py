@@ -46,10 +46,11 @@ from menseg.config import Config, flat_config, save_config, to_dict
 from menseg.constants import REGION_NAMES
 from menseg.data.sampling import PatchSampler
 from menseg.errors import MensegError
-from menseg.utils import derive_seed, truncate_jsonl
+from menseg.utils import LOCK_NAME, derive_seed, folder_lock, remove_atomic_leftovers, truncate_jsonl
 
 log = logging.getLogger(__name__)
 
+NOT_EMPTY = "run folder is not empty; use --resume to continue it or choose another out_dir"
 #: Gradient-norm clipping threshold (nnU-Net uses 12).
 GRAD_CLIP = 12.0
 #: Exponent of the poly learning-rate decay (nnU-Net).
@@ -388,12 +389,22 @@ def train(
     device = resolve_device(ddp.device_for(env, tc.device))
     owns_group = env.enabled and not ddp.current().enabled
     ctx = ddp.setup(device)
+    out = Path(cfg.out_dir)
+    if ctx.main and not resume and _occupied(out):  # refused before the lock file is written there
+        raise MensegError(NOT_EMPTY, out)
     try:
-        return _train(cfg, resume, ctx, device, stop_at=stop_at, progress=progress and ctx.main,
-                      on_step=on_step)
+        # one process (rank 0 of one run) writes a run folder at a time; a killed one leaves no lock
+        with folder_lock(cfg.out_dir, "training run") if ctx.main else contextlib.nullcontext():
+            return _train(cfg, resume, ctx, device, stop_at=stop_at, progress=progress and ctx.main,
+                          on_step=on_step)
     finally:
         if owns_group:
             ddp.teardown()
+
+
+def _occupied(out: Path) -> bool:
+    """``out`` is a file, or a folder holding anything but our lock file."""
+    return out.exists() and (not out.is_dir() or any(p.name != LOCK_NAME for p in out.iterdir()))
 
 
 def _train(
@@ -420,12 +431,13 @@ def _train(
         if resume:
             if not latest.is_file():
                 raise MensegError("nothing to resume: no latest.pt in the run folder", out)
+            gone = remove_atomic_leftovers(out)  # temporary files of writes a kill interrupted
+            if gone:
+                log.info("removed %d unfinished temporary file(s) from %s", gone, out)
             state, used = load_latest(latest)
             _check_resume_config(cfg, state.get("config", {}), used)
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise MensegError(
-                "run folder is not empty; use --resume to continue it or choose another out_dir", out
-            )
+        elif _occupied(out):
+            raise MensegError(NOT_EMPTY, out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     state = ddp.broadcast(ctx, state)
