@@ -104,6 +104,13 @@ def test_cli_prints_the_table(tmp_path: Path) -> None:
     from menseg.cli import app
 
     res = CliRunner().invoke(app, ["bench", "reference", "--device", "cpu", "--quick", "--steps", "1",
-                                   "--warmup", "1", "--out", str(tmp_path / "r")])
+                                   "--warmup", "1", "--out", str(tmp_path / "r"), "--set",
+                                   "train.channels_last=true"])
     assert res.exit_code == 0, res.output
-    assert "MONAI reference" in res.output and (tmp_path / "r" / "reference.json").is_file()
+    assert "MONAI reference" in res.output
+    saved = json.loads((tmp_path / "r" / "reference.json").read_text())
+    assert saved["menseg_set"] == ["train.channels_last=true"]
+    cfg = (tmp_path / "r" / "menseg-run" / "config.yaml").read_text()
+    assert "channels_last: true" in cfg
+    with pytest.raises(MensegError, match="unknown config key"):
+        benchmark_reference(device="cpu", quick=True, menseg_set=["train.fast=true"])

@@ -72,13 +72,13 @@ def test_rank_seeds_context_and_launch_command(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert ddp.context_fromsubprocess_env() == ddp.Context(2, 4, 0)
+    assert ddp.context_from_env() == ddp.Context(2, 4, 0)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(MensegError, match="bad distributed environment"):
-        ddp.context_fromsubprocess_env()
+        ddp.context_from_env()
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(MensegError, match="not an integer"):
-        ddp.context_fromsubprocess_env()
+        ddp.context_from_env()
     cmd = ddp.torchrun_command(2, ["train", "baseline"])
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc_per_node=2" in cmd and cmd[-3:] == ["menseg", "train", "baseline"]

@@ -288,6 +288,11 @@ def bench_reference(
     ] = "fp32",
     out: Annotated[Path | None, typer.Option(help="Keep the cohort, the menseg run and reference.json "
                                                   "here (an empty or new folder).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Extra override of the menseg lane, repeatable, e.g. --set "
+                     "train.channels_last=true --set train.compile=default."),
+    ] = None,
 ) -> None:
     """Training steps/s and prediction s/case: menseg's trainer vs MONAI's reference DynUNet loop.
 
@@ -296,7 +301,7 @@ def bench_reference(
     from menseg.bench.reference import benchmark_reference, reference_table
 
     res = benchmark_reference(device=device, quick=quick, steps=steps, warmup=warmup, precision=precision,
-                              out_dir=out)
+                              out_dir=out, menseg_set=set_ or ())
     typer.echo(reference_table(res))
 
 

@@ -49,7 +49,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -386,7 +386,8 @@ def _predict_both(model: torch.nn.Module, image: torch.Tensor, sizes: ReferenceS
 
 
 def benchmark_reference(*, device: str = "auto", quick: bool = False, steps: int = 20, warmup: int = 5,
-                        precision: str = "fp32", out_dir: Path | None = None) -> dict[str, Any]:
+                        precision: str = "fp32", out_dir: Path | None = None,
+                        menseg_set: Sequence[str] = ()) -> dict[str, Any]:
     """Measure menseg's trainer and predictor against MONAI's reference loop (module docstring).
 
     Args:
@@ -397,6 +398,8 @@ def benchmark_reference(*, device: str = "auto", quick: bool = False, steps: int
         precision: ``fp32`` | ``bf16`` | ``amp`` (see :func:`precision_plan`).
         out_dir: keep the cohort (``data/``), the menseg run (``menseg-run/``) and
             ``reference.json`` here (must be empty or absent); default a temporary folder.
+        menseg_set: extra ``key=value`` overrides of the menseg lane only, e.g.
+            ``train.channels_last=true``, ``train.compile=default`` (checked before anything runs).
 
     Returns:
         ``{"device", "environment", "precision", "note", "quick", "patch", "batch", "steps", "warmup",
@@ -408,6 +411,9 @@ def benchmark_reference(*, device: str = "auto", quick: bool = False, steps: int
         raise MensegError(f"steps must be at least 1 and warmup at least 0, got {steps} and {warmup}")
     dev = resolve_device(device)
     plan = precision_plan(precision, dev)
+    if menseg_set:
+        load_config("baseline", list(menseg_set))  # a bad key or value fails now, not after the cohort
+        plan = replace(plan, menseg_overrides=(*plan.menseg_overrides, *menseg_set))
     sizes = reference_sizes(quick)
     env = environment(dev)
     if out_dir is not None:
@@ -423,6 +429,7 @@ def benchmark_reference(*, device: str = "auto", quick: bool = False, steps: int
         "device": str(dev), "environment": env, "precision": precision, "note": plan.note, "quick": quick,
         "patch": list(sizes.patch_size), "batch": sizes.batch_size, "steps": steps, "warmup": warmup,
         "model": {"filters": list(sizes.model.filters), "deep_supr_num": sizes.model.deep_supr_num},
+        "menseg_set": list(menseg_set),
         **res, "load_average_end": loadavg(),
     }
     if out_dir is not None:
