@@ -127,3 +127,22 @@ def test_sigkill_of_a_ddp_run_then_resume_equals_uninterrupted(data: Path, tmp_p
         assert torch.equal(a["model"][k], b["model"][k]), (k, kill_after)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
+
+
+def test_a_run_that_failed_before_its_first_step_starts_over(data: Path, tmp_path: Path) -> None:
+    from menseg.config import load_config
+    from menseg.errors import MensegError
+    from menseg.train.trainer import train
+
+    run = tmp_path / "run"
+    with pytest.raises(MensegError, match="no labelled case"):  # e.g. a typo in data.cases
+        train(load_config("baseline", [*_cmd(data, run)[5:], "data.cases=[NOPE]"]), progress=False)
+    assert (run / "config.yaml").is_file()  # what it left: config and lock, no step taken
+    train(load_config("baseline", _cmd(data, run)[5:]), progress=False)  # fixed: starts, no --resume
+    assert load_checkpoint(run / "latest.pt")["step"] == STEPS
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("my: own settings\n")  # not a menseg config: never overwritten
+    with pytest.raises(MensegError, match="not empty"):
+        train(load_config("baseline", _cmd(data, theirs)[5:]), progress=False)
+    assert (theirs / "config.yaml").read_text() == "my: own settings\n"

@@ -137,8 +137,10 @@ def train_cmd(
         if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
             raise MensegError("--nproc is for starting processes; this one already runs under torchrun")
         from menseg.train.distributed import Context, launch, shard
+        from menseg.train.trainer import preflight
 
         shard(cfg.train.batch_size, Context(0, nproc, 0))  # a batch that does not split: fail before starting
+        preflight(cfg, resume)  # a wrong folder or data path: one line now, not N processes failing
         argv = [*_root_argv(), "train", config, *(overrides or []), *(["--resume"] if resume else [])]
         rc = launch(nproc, argv)
         if rc:
@@ -655,6 +657,12 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a CLI must not dump tracebacks on users
         if debug:
             raise
+        import os
+
+        if os.environ.get("RANK", "0") not in ("", "0") and "Connection" in str(e):
+            typer.echo(f"error: [rank {os.environ['RANK']}] stopped: another process of the run failed "
+                       "(its error is shown above or below)", err=True)
+            raise SystemExit(1) from None
         typer.echo(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                    err=True)
         raise SystemExit(1) from None

@@ -389,9 +389,8 @@ def train(
     device = resolve_device(ddp.device_for(env, tc.device))
     owns_group = env.enabled and not ddp.current().enabled
     ctx = ddp.setup(device)
-    out = Path(cfg.out_dir)
-    if ctx.main and not resume and _occupied(out):  # refused before the lock file is written there
-        raise MensegError(NOT_EMPTY, out)
+    if ctx.main:
+        preflight(cfg, resume)  # before the lock file is written into the folder
     try:
         # one process (rank 0 of one run) writes a run folder at a time; a killed one leaves no lock
         with folder_lock(cfg.out_dir, "training run") if ctx.main else contextlib.nullcontext():
@@ -403,8 +402,39 @@ def train(
 
 
 def _occupied(out: Path) -> bool:
-    """``out`` is a file, or a folder holding anything but our lock file."""
-    return out.exists() and (not out.is_dir() or any(p.name != LOCK_NAME for p in out.iterdir()))
+    """``out`` is a file, or a folder holding more than a run that stopped before its first step left (its
+    lock, its ``config.yaml`` and preprocessing cache: e.g. after a wrong data path), which may start over."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        return True
+    names = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    if not names:
+        return False
+    if names <= {"config.yaml", "preprocessed"} and "config.yaml" in names:
+        import yaml
+
+        from menseg.config import from_dict
+
+        try:  # ours, not a user's file of the same name
+            from_dict(Config, yaml.safe_load((out / "config.yaml").read_text()))
+            return False
+        except (MensegError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+            return True
+    return True
+
+
+def preflight(cfg: Config, resume: bool) -> None:
+    """The checks worth failing on before any process starts or anything is written: a run folder that
+    holds another run (or is not ours), ``--resume`` without a checkpoint, a dataset that is not there."""
+    out = Path(cfg.out_dir)
+    if resume:
+        if not (out / "latest.pt").is_file() and not (out / "latest.prev.pt").is_file():
+            raise MensegError("nothing to resume: no latest.pt in the run folder", out)
+    elif _occupied(out):
+        raise MensegError(NOT_EMPTY, out)
+    if cfg.data.root and not Path(cfg.data.root).is_dir():
+        raise MensegError("dataset folder not found", cfg.data.root)
 
 
 def _train(
