@@ -55,6 +55,24 @@ def test_shards_cover_the_global_batch_exactly_once(batch: int, world: int) -> N
     assert sorted(x for s in split for x in s) == items
 
 
+def test_the_ranks_batches_are_the_one_process_batch_cut_in_parts() -> None:
+    from menseg.data.sampling import PatchSampler
+    from menseg.train.trainer import StepBatches
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.normal(size=(4, 20, 20, 20)).astype(np.float32),
+              rng.integers(0, 4, (20, 20, 20)).astype(np.uint8)) for _ in range(3)]
+    sampler = PatchSampler(cases, (8, 8, 8), 0.33)
+    whole = StepBatches(sampler, 4, seed=5)
+    for step in (0, 7, 123):
+        img, lab, case = whole[step]
+        parts = [StepBatches(sampler, 4, seed=5, part=ddp.shard(4, ddp.Context(r, 2, r)))[step]
+                 for r in range(2)]
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), img)
+        assert np.array_equal(np.concatenate([p[1] for p in parts]), lab)
+        assert np.array_equal(np.concatenate([p[2] for p in parts]), case)
+
+
 def test_a_batch_that_does_not_split_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(MensegError, match="multiple of the number of processes"):
         ddp.shard(3, ddp.Context(0, 2, 0))
