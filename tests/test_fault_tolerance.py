@@ -87,6 +87,7 @@ def test_one_writer_per_folder_and_leftovers_of_killed_writes_are_cleared(data: 
     with folder_lock(run, "training run"):  # e.g. the same run started in another terminal
         with pytest.raises(MensegError, match="another process is using this training run folder"):
             train(cfg, resume=True, progress=False)
+    (run / "latest.pt").unlink()  # lost, e.g. deleted by hand: the one before is used (warning)
     train(cfg, resume=True, progress=False)
     assert not stale.exists() and load_checkpoint(run / "latest.pt")["step"] == STEPS
 

@@ -459,8 +459,7 @@ def _train(
     state: dict[str, Any] | None = None
     if ctx.main:  # the other ranks wait at the broadcast below
         if resume:
-            if not latest.is_file():
-                raise MensegError("nothing to resume: no latest.pt in the run folder", out)
+            preflight(cfg, resume)  # again, under the lock
             gone = remove_atomic_leftovers(out)  # temporary files of writes a kill interrupted
             if gone:
                 log.info("removed %d unfinished temporary file(s) from %s", gone, out)
