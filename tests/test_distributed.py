@@ -83,6 +83,14 @@ def test_a_batch_that_does_not_split_is_refused_before_any_work(tmp_path: Path) 
     assert not (tmp_path / "x").exists()
 
 
+def test_only_train_runs_under_torchrun(tmp_path: Path) -> None:
+    env = {**subprocess_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "menseg", "synth", str(tmp_path / "s"), "--cases", "1"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "only 'menseg train' runs under torchrun" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_rank_seeds_context_and_launch_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ddp.rank_seed(7, 0) == 7
     seeds = {ddp.rank_seed(7, r) for r in range(4)}

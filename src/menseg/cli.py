@@ -38,6 +38,7 @@ log = logging.getLogger("menseg")
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug-level logging.")] = False,
     max_voxels: Annotated[
@@ -56,6 +57,10 @@ def _root(
     # Under torchrun every rank runs this: rank 0 logs as one process would, the others only warnings.
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     many = world not in ("", "1")
+    if many and ctx.invoked_subcommand != "train":
+        # every process would write the same outputs: only training is distributed
+        raise MensegError(f"'menseg {ctx.invoked_subcommand}' runs in one process; of the commands only "
+                          "'menseg train' runs under torchrun")
     if rank not in ("", "0"):
         os.environ["TQDM_DISABLE"] = "1"  # one progress bar per run: rank 0's
     logging.basicConfig(
