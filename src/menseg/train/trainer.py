@@ -391,14 +391,17 @@ def train(
     ctx = ddp.setup(device)
     if ctx.main:
         preflight(cfg, resume)  # before the lock file is written into the folder
-    try:
-        # one process (rank 0 of one run) writes a run folder at a time; a killed one leaves no lock
-        with folder_lock(cfg.out_dir, "training run") if ctx.main else contextlib.nullcontext():
-            return _train(cfg, resume, ctx, device, stop_at=stop_at, progress=progress and ctx.main,
-                          on_step=on_step)
-    finally:
-        if owns_group:
-            ddp.teardown()
+    # one process (rank 0 of one run) writes a run folder at a time; a killed one leaves no lock
+    with folder_lock(cfg.out_dir, "training run") if ctx.main else contextlib.nullcontext():
+        out = _train(cfg, resume, ctx, device, stop_at=stop_at, progress=progress and ctx.main,
+                     on_step=on_step)
+    if owns_group:
+        # leave together, once rank 0 has written its last checkpoint: a rank that tears the group down
+        # while another still uses it aborts the process (gloo). After an error the group is left to
+        # the process's exit and torchrun, as a barrier then could wait for a rank that is gone.
+        ddp.barrier(ctx)
+        ddp.teardown()
+    return out
 
 
 def _occupied(out: Path) -> bool:
