@@ -32,7 +32,7 @@ app.add_typer(sim2real_app, name="sim2real")
 app.add_typer(bench_app, name="bench")
 app.add_typer(bench_app, name="benchmark", hidden=True)  # the name used before 0.2
 
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 log = logging.getLogger("menseg")
 
 
@@ -49,23 +49,24 @@ def _root(
 ) -> None:
     import os
 
-    _state["debug"] = debug
-    if max_voxels is not None:
+    from menseg.utils import context_from_env
+
+    _state["debug"], _state["verbose"] = debug, verbose
+    if max_voxels is not None:  # through the environment, so processes started from here see it too
         if max_voxels < 1:
             raise MensegError(f"--max-voxels must be at least 1, got {max_voxels}")
         os.environ["MENSEG_MAX_VOXELS"] = str(max_voxels)
     # Under torchrun every rank runs this: rank 0 logs as one process would, the others only warnings.
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    many = world not in ("", "1")
-    if many and ctx.invoked_subcommand != "train":
+    run = context_from_env()
+    if run.enabled and ctx.invoked_subcommand != "train":
         # every process would write the same outputs: only training is distributed
         raise MensegError(f"'menseg {ctx.invoked_subcommand}' runs in one process; of the commands only "
                           "'menseg train' runs under torchrun")
-    if rank not in ("", "0"):
+    if not run.main:
         os.environ["TQDM_DISABLE"] = "1"  # one progress bar per run: rank 0's
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO if rank in ("", "0") else logging.WARNING,
-        format=f"%(levelname)s{f' [rank {rank}]' if many else ''} %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.INFO if run.main else logging.WARNING,
+        format=f"%(levelname)s{f' [rank {run.rank}]' if run.enabled else ''} %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -131,22 +132,23 @@ def train_cmd(
 
     train.batch_size is the global batch: under DDP each of N processes trains on batch_size / N samples.
     """
-    import os
-
     from menseg.config import load_config
+    from menseg.utils import context_from_env
 
     cfg = load_config(config, overrides or [])  # fail fast on a bad config, before heavy imports
     if nproc < 1:
         raise MensegError(f"--nproc must be at least 1, got {nproc}")
+    run = context_from_env()
     if nproc > 1:
-        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        if run.enabled:
             raise MensegError("--nproc is for starting processes; this one already runs under torchrun")
         from menseg.train.distributed import Context, launch, shard
         from menseg.train.trainer import preflight
 
         shard(cfg.train.batch_size, Context(0, nproc, 0))  # a batch that does not split: fail before starting
         preflight(cfg, resume)  # a wrong folder or data path: one line now, not N processes failing
-        argv = [*_root_argv(), "train", config, *(overrides or []), *(["--resume"] if resume else [])]
+        root = [flag for flag, on in (("--debug", _state["debug"]), ("--verbose", _state["verbose"])) if on]
+        argv = [*root, "train", config, *(overrides or []), *(["--resume"] if resume else [])]
         rc = launch(nproc, argv)
         if rc:
             raise MensegError(f"distributed training failed (torchrun exit code {rc}; the first failing "
@@ -155,24 +157,8 @@ def train_cmd(
     from menseg.train.trainer import train
 
     run_dir = train(cfg, resume=resume)
-    if os.environ.get("RANK", "0") in ("", "0"):
+    if run.main:
         typer.echo(f"run folder: {run_dir} (best.pt, latest.pt, metrics.jsonl, config.yaml)")
-
-
-def _root_argv() -> list[str]:
-    """The root options of this invocation (``--debug``, ``-v``, ``--max-voxels N``), to pass on."""
-    out: list[str] = []
-    args = sys.argv[1:]
-    for i, a in enumerate(args):
-        if a in ("--debug", "--verbose", "-v"):
-            out.append(a)
-        elif a == "--max-voxels" and i + 1 < len(args):
-            out += [a, args[i + 1]]
-        elif a.startswith("--max-voxels="):
-            out.append(a)
-        elif not a.startswith("-"):
-            break  # the command: root options come before it
-    return out
 
 
 @app.command("predict")
@@ -662,10 +648,11 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a CLI must not dump tracebacks on users
         if debug:
             raise
-        import os
+        from menseg.utils import context_from_env
 
-        if os.environ.get("RANK", "0") not in ("", "0") and "Connection" in str(e):
-            typer.echo(f"error: [rank {os.environ['RANK']}] stopped: another process of the run failed "
+        run = context_from_env()
+        if not run.main and "Connection" in str(e):
+            typer.echo(f"error: [rank {run.rank}] stopped: another process of the run failed "
                        "(its error is shown above or below)", err=True)
             raise SystemExit(1) from None
         typer.echo(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, seeding, JSON."""
+"""Small shared helpers: atomic writes, seeding, JSON, and where this process stands in a torchrun run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,56 @@ def json_digest(obj: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in a (torchrun) run: ``rank`` of ``world`` (``local_rank`` on its node).
+
+    Torch-free, so the command line can read it before any heavy import; the process group itself is
+    :mod:`menseg.train.distributed`'s."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process."""
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes."""
+        return self.rank == 0
+
+
+SINGLE = Context()
+
+
+def env_int(name: str, default: int) -> int:
+    """Integer environment variable ``name`` (``default`` when unset or empty)."""
+    from menseg.errors import MensegError
+
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise MensegError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def context_from_env() -> Context:
+    """The :class:`Context` torchrun describes in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``."""
+    from menseg.errors import MensegError
+
+    world = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local = env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise MensegError(f"bad distributed environment: RANK={rank}, WORLD_SIZE={world}")
+    return Context(rank, world, local)
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -531,7 +531,10 @@ def run_efficiency(
     Returns:
         ``{name: path}`` of the report files.
     """
+    from tqdm.auto import tqdm
 
+    from menseg.bench.env import environment
+    from menseg.bench.report import write_report
     from menseg.device import resolve_device
 
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -552,66 +555,54 @@ def run_efficiency(
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
     with folder_lock(out, "benchmark"):  # two commands must not train the same runs
         remove_atomic_leftovers(out)
-        return _run_locked(out, variants, labeled, n_seeds, prof, data, unlabeled, test_size, overrides,
-                           device, dev, cache_dir, progress, command, started)
+        bench_data = resolve_data(prof, data, unlabeled, test_size, labeled, cache_dir)
+        runs = plan_runs(out, variants, labeled, range(n_seeds), prof, bench_data, overrides, device)
+        _check_plan(out, bench_data, prof, overrides)
 
+        todo = [r for r in runs if _read_done(r) is None]
+        log.info("benchmark %s: %d runs (%d variants x %d N x %d seeds), %d to do; profile %s",
+                 out, len(runs), len(variants), len(labeled), n_seeds, len(todo), prof.name)
+        overall = tqdm(total=sum(r.cfg.train.steps for r in todo), desc="benchmark", unit="step",
+                       disable=not progress, position=0)
+        for i, run in enumerate(todo, 1):
+            overall.set_postfix_str(f"run {i}/{len(todo)}: {run.variant} N={run.n_labeled} seed {run.seed}")
+            base = overall.n
 
-def _run_locked(out: Path, variants: Sequence[str], labeled: list[int], n_seeds: int, prof: Profile,
-                data: str | Path | None, unlabeled: str | Path | None, test_size: int | None,
-                overrides: Sequence[str], device: str, dev: Any, cache_dir: str | Path | None,
-                progress: bool, command: str | None, started: str) -> dict[str, Path]:
-    from tqdm.auto import tqdm
+            def on_step(done_steps: int, total: int, base: int = base) -> None:
+                overall.update(base + done_steps - overall.n)
 
-    from menseg.bench.env import environment
-    from menseg.bench.report import write_report
+            done = execute_run(run, bench_data.test, device, on_step)
+            overall.update(base + run.cfg.train.steps - overall.n)
+            wt = np.mean([m["WT_lesion_dice"] for m in done["metrics"].values()])
+            log.info("finished %s (%d/%d): mean WT lesion-wise Dice %.3f, train %.0f s", run.key, i,
+                     len(todo), wt, done["train_seconds"])
+        overall.close()
 
-    bench_data = resolve_data(prof, data, unlabeled, test_size, labeled, cache_dir)
-    runs = plan_runs(out, variants, labeled, range(n_seeds), prof, bench_data, overrides, device)
-    _check_plan(out, bench_data, prof, overrides)
+        records = [_record(r, _read_done(r) or {}) for r in runs]
+        wall = sum(rec.train_seconds + rec.predict_seconds for rec in records)
+        meta = {
+            "title": f"menseg data-efficiency benchmark ({prof.name} profile)",
+            "profile": prof.name,
+            "profile_settings": {"description": prof.description, **prof.budget,
+                                 **({"overrides": list(overrides)} if overrides else {})},
+            "variants": [variant_name(v) for v in variants],
+            "labeled": labeled,
+            "seeds": list(range(n_seeds)),
+            "data": bench_data.description,
+            "unlabeled": (f"{bench_data.unlabeled_root} ({bench_data.n_unlabeled} scans)"
+                          if bench_data.unlabeled_root else None),
+            "n_pool": len(bench_data.pool),
+            "n_test": len(bench_data.test),
+            "environment": {**environment(dev), "python": sys.version.split()[0]},
+            "started": started,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "wall_seconds": round(wall, 1),
+            "command": command or "",
+            "menseg_version": _version(),
+        }
+        test_cases = {c.case_id: c for c in bench_data.test}
+        return write_report(out / "report", records, meta, test_cases)
 
-    todo = [r for r in runs if _read_done(r) is None]
-    log.info("benchmark %s: %d runs (%d variants x %d N x %d seeds), %d to do; profile %s",
-             out, len(runs), len(variants), len(labeled), n_seeds, len(todo), prof.name)
-    overall = tqdm(total=sum(r.cfg.train.steps for r in todo), desc="benchmark", unit="step",
-                   disable=not progress, position=0)
-    for i, run in enumerate(todo, 1):
-        overall.set_postfix_str(f"run {i}/{len(todo)}: {run.variant} N={run.n_labeled} seed {run.seed}")
-        base = overall.n
-
-        def on_step(done_steps: int, total: int, base: int = base) -> None:
-            overall.update(base + done_steps - overall.n)
-
-        done = execute_run(run, bench_data.test, device, on_step)
-        overall.update(base + run.cfg.train.steps - overall.n)
-        wt = np.mean([m["WT_lesion_dice"] for m in done["metrics"].values()])
-        log.info("finished %s (%d/%d): mean WT lesion-wise Dice %.3f, train %.0f s", run.key, i, len(todo),
-                 wt, done["train_seconds"])
-    overall.close()
-
-    records = [_record(r, _read_done(r) or {}) for r in runs]
-    wall = sum(rec.train_seconds + rec.predict_seconds for rec in records)
-    meta = {
-        "title": f"menseg data-efficiency benchmark ({prof.name} profile)",
-        "profile": prof.name,
-        "profile_settings": {"description": prof.description, **prof.budget,
-                             **({"overrides": list(overrides)} if overrides else {})},
-        "variants": [variant_name(v) for v in variants],
-        "labeled": labeled,
-        "seeds": list(range(n_seeds)),
-        "data": bench_data.description,
-        "unlabeled": (f"{bench_data.unlabeled_root} ({bench_data.n_unlabeled} scans)"
-                      if bench_data.unlabeled_root else None),
-        "n_pool": len(bench_data.pool),
-        "n_test": len(bench_data.test),
-        "environment": {**environment(dev), "python": sys.version.split()[0]},
-        "started": started,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "wall_seconds": round(wall, 1),
-        "command": command or "",
-        "menseg_version": _version(),
-    }
-    test_cases = {c.case_id: c for c in bench_data.test}
-    return write_report(out / "report", records, meta, test_cases)
 
 
 def _version() -> str:

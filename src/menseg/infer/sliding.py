@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from menseg.config import InferConfig
+from menseg.config import STITCH_MODES, InferConfig
 from menseg.constants import REGION_NAMES
 from menseg.device import resolve_device
 from menseg.errors import MensegError
@@ -116,8 +116,8 @@ def stitch_device(
     would take more than :data:`STITCH_GPU_SHARE` of its memory (``total_memory``: bytes, read from
     the device when None); the windows still run on the GPU, one batch at a time.
     """
-    if stitch not in ("auto", "device", "cpu"):
-        raise MensegError(f"infer.stitch must be auto, device or cpu, got '{stitch}'")
+    if stitch not in STITCH_MODES:
+        raise MensegError(f"infer.stitch must be one of {', '.join(STITCH_MODES)}, got '{stitch}'")
     if dev.type == "cpu" or stitch == "device":
         return dev
     if stitch == "cpu":

@@ -36,7 +36,6 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from menseg.errors import MensegError
-from menseg.utils import derive_seed
+from menseg.utils import SINGLE, Context, context_from_env, derive_seed, env_int
 
 log = logging.getLogger(__name__)
 
@@ -52,52 +51,10 @@ log = logging.getLogger(__name__)
 TIMEOUT = datetime.timedelta(minutes=60)
 
 
-@dataclass(frozen=True)
-class Context:
-    """Where this process stands in the run: ``rank`` of ``world`` (``local_rank`` on its node)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        """More than one process."""
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        """Rank 0: the one process that writes."""
-        return self.rank == 0
-
-
-SINGLE = Context()
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise MensegError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def context_from_env() -> Context:
-    """The :class:`Context` torchrun describes in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", rank)
-    if world < 1 or not 0 <= rank < world:
-        raise MensegError(f"bad distributed environment: RANK={rank}, WORLD_SIZE={world}")
-    return Context(rank, world, local)
-
-
 def current() -> Context:
     """The context of the joined process group, or :data:`SINGLE` when there is none."""
     if dist.is_available() and dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", dist.get_rank()))
+        return Context(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", dist.get_rank()))
     return SINGLE
 
 
@@ -114,9 +71,8 @@ def device_for(ctx: Context, requested: str) -> str:
     return requested
 
 
-def setup(device: torch.device) -> Context:
-    """Join the process group described by the environment (no-op for one process)."""
-    ctx = context_from_env()
+def setup(ctx: Context, device: torch.device) -> Context:
+    """Join the process group ``ctx`` (:func:`context_from_env`) describes; no-op for one process."""
     if not ctx.enabled or dist.is_initialized():
         return current() if ctx.enabled else SINGLE
     if not dist.is_available():
@@ -194,20 +150,23 @@ class _SumAcrossRanks(torch.autograd.Function):
         return g
 
 
+def _in_group() -> bool:
+    """A process group of more than one rank is joined."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
     """``x`` summed over the ranks of the joined group, differentiably; ``x`` itself with one process.
 
     DDP averages gradients over ``W`` ranks and the backward of the sum multiplies by ``W``, so a loss
     built from pooled sums gets exactly the gradient of the one-process loss.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _SumAcrossRanks.apply(x)
+    return _SumAcrossRanks.apply(x) if _in_group() else x
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """``x`` summed over ranks (no gradient); ``x`` with one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _in_group():
         return x
     y = x.detach().clone()
     dist.all_reduce(y)

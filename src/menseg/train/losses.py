@@ -94,14 +94,17 @@ class RegionDiceBCELoss(nn.Module):
         self.batch_dice = batch_dice
         #: under DDP, pool batch-Dice and masked-BCE sums over the ranks' shards of the global batch
         self.across_ranks = across_ranks
+        self._pool: Callable[[Tensor], Tensor] | None = None
+        if across_ranks:
+            from menseg.train.distributed import sum_across_ranks
+
+            self._pool = sum_across_ranks
 
     def single(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Loss of one output ``(B, 3, ...)`` against region targets of the same shape
         (``mask`` ``(B, 1, ...)`` float in {0, 1}: voxels that count)."""
         logits = logits.float()
-        pool = None
-        if self.across_ranks:
-            from menseg.train.distributed import sum_across_ranks as pool
+        pool = self._pool
         if mask is None:  # a mean over samples: DDP's average of the ranks' means is the global mean
             bce = F.binary_cross_entropy_with_logits(logits, target)
         else:

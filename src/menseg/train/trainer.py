@@ -388,7 +388,7 @@ def train(
     ddp.shard(tc.batch_size, env)  # a batch that does not split over the processes fails before any work
     device = resolve_device(ddp.device_for(env, tc.device))
     owns_group = env.enabled and not ddp.current().enabled
-    ctx = ddp.setup(device)
+    ctx = ddp.setup(env, device)
     if ctx.main:
         preflight(cfg, resume)  # before the lock file is written into the folder
     # one process (rank 0 of one run) writes a run folder at a time; a killed one leaves no lock
@@ -461,15 +461,13 @@ def _train(
     metrics_path = out / "metrics.jsonl"
     state: dict[str, Any] | None = None
     if ctx.main:  # the other ranks wait at the broadcast below
+        preflight(cfg, resume)  # again, now under the lock
         if resume:
-            preflight(cfg, resume)  # again, under the lock
             gone = remove_atomic_leftovers(out)  # temporary files of writes a kill interrupted
             if gone:
                 log.info("removed %d unfinished temporary file(s) from %s", gone, out)
             state, used = load_latest(latest)
             _check_resume_config(cfg, state.get("config", {}), used)
-        elif _occupied(out):
-            raise MensegError(NOT_EMPTY, out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     state = ddp.broadcast(ctx, state)
