@@ -50,12 +50,8 @@ def _cmd(tmp: Path, out: Path) -> list[str]:
             "--profile", str(tmp / "micro-kill.yaml"), "--device", "cpu", "--cache-dir", str(tmp / "cache")]
 
 
-
-
 def _run_dirs(out: Path) -> list[Path]:
     return [out / "runs" / "baseline" / f"n{n}" / "seed0" for n in LABELED]
-
-
 
 
 def _snapshot(run: Path) -> dict[str, tuple[int, bytes]]:

@@ -26,8 +26,6 @@ TINY = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16
         "train.checkpoint_every=1", "train.deterministic=true", "train.device=cpu"]
 
 
-
-
 def _menseg(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "menseg", *args], capture_output=True, text=True,
                           env=subprocess_env(), timeout=timeout)

@@ -30,8 +30,6 @@ def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "train.deterministic=true", "train.device=cpu", *extra]
 
 
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ft-phantoms")

@@ -356,7 +356,6 @@ def _reduce_stats(loss: torch.Tensor, stats: dict[str, float], world: int, devic
     return float(vec[0]) / world, out
 
 
-
 def train(
     cfg: Config,
     resume: bool = False,
