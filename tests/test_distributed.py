@@ -145,7 +145,7 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(data: Path
     a, b = load_checkpoint(one / "latest.pt"), load_checkpoint(two / "latest.pt")
     assert a["step"] == b["step"] == STEPS
     gap = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
-    # 1e-5 apart after 4 steps if batch Dice were not pooled over the ranks; float summation order only here
+    # 3.3e-5 apart after 4 steps with the pooling switched off (tried); float summation order only here
     assert gap < 1e-6, gap
     ra = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
