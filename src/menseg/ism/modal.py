@@ -18,10 +18,9 @@ replaces that block (it is given to :func:`menseg.nets.unet.encode` as ``stem``)
 
 Why not the weighted *sum* ``sum_m w_m f_m`` (HeMIS-style averaging): it maps every sequence
 into one ``c``-channel space, so contrasts *between* sequences (enhancement is t1c against t1n,
-oedema t2f against t2w) can only survive through the weights. Measured on the quick benchmark
-budget (5 cases, 400 steps, validation on held-out pool cases), the summed stem with sequence
-dropout lost 10 Dice points against the baseline; the weighted channels keep the contrasts
-and still give absent sequences exactly zero input to the block.
+oedema t2f against t2w) can only survive through the weights, and the summed stem cost Dice in
+the ISM pilot (DESIGN.md, ISM: "Pilot that chose the defaults"); the weighted channels keep the
+contrasts and still give absent sequences exactly zero input to the block.
 
 Absent sequences never reach the output: their input channel is replaced by 0
 *before* their encoder (``torch.where``, so even NaN or inf in a missing channel
@@ -36,10 +35,9 @@ probability ``p_drop`` a sample loses ``k`` sequences, ``k`` uniform in
 subsets) so that single-sequence inputs, the hardest case, are trained as often
 as any other number of losses.
 
-Cost (measured, 2 CPU cores, batch 2 of 48^3, forward + backward): the input block it
-replaces takes 0.11 s; a grouped stem with ``c = 4`` 0.21 s; a first version with two
-convolutions per sequence and ``c = 8`` as separate modules took 0.50 s (+60 % of a whole
-training step), hence one grouped convolution per sequence and ``c = max(4, C // 4)``.
+Cost: one grouped convolution per sequence and ``c = max(4, C // 4)``, because separate
+per-sequence modules with more channels made the stem a large share of a training step
+(DESIGN.md, Decisions: modal fusion stem cost).
 """
 
 from __future__ import annotations

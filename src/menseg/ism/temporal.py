@@ -63,10 +63,10 @@ FieldFn = Callable[[Tensor, float], Tensor]
 GAP_PERIODS_REL: tuple[float, float] = (4.0, 1.0 / 64.0)
 
 
-#: Gain of the gate scalar: ``tanh(GATE_GAIN * alpha)``. With gain 1 and the trainer's SGD the gate of
-#: a ReZero-style scalar moved to 0.002 in 400 steps (the quick benchmark's budget) and the prior
-#: changed no prediction; the gain scales the scalar's gradient and its effect on the gate alike
-#: (~GATE_GAIN^2 faster opening) and keeps ``alpha = 0`` the exact identity.
+#: Gain of the gate scalar: ``tanh(GATE_GAIN * alpha)``. With gain 1 the gate hardly opened within
+#: the quick benchmark's budget (DESIGN.md, ISM, "Temporal" bullet); the gain scales the scalar's
+#: gradient and its effect on the gate alike (~GATE_GAIN^2 faster opening) and keeps ``alpha = 0``
+#: the exact identity.
 GATE_GAIN = 10.0
 
 

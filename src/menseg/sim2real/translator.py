@@ -31,12 +31,8 @@ Loss of the generators per step (``s`` synthetic, ``r`` real patches)::
 ``H`` is the mean Huber penalty with ``RECON_BETA = 1`` z-score unit (quadratic below, L1 above)
 rather than CycleGAN's plain L1. Both generators start at the identity, exactly where L1 has its
 kink: there the cycle term's gradient has full size whatever the deviation, flips sign at every
-step and dominates Adam's normalisation, so the generators stay pinned to the identity. Measured
-(CPU, toy volumes 32^3 with a texture and tissue-contrast gap, patch 16^3, channels 8, 300 steps,
-lr 1e-3, other settings default): plain L1 left the per-tissue W1 distance to real
-(:mod:`menseg.sim2real.gap`) at 0.885 (raw 0.887: no translation at all); Huber brought it to
-0.666, the lesion still found by the segmenter on translated unseen cases (WT Dice 0.57-0.79).
-At lr 2e-4 neither moved in 300 steps: the default schedule is short for a GAN.
+step and dominates Adam's normalisation, so the generators stay pinned to the identity
+(DESIGN.md, Decisions: translator reconstruction loss).
 
 Why 3D patches rather than 2.5D slices: the gap between synthetic and real scans is partly
 3D texture (partial volume, bias fields, through-plane smoothness) and the segmenter that
@@ -50,9 +46,8 @@ centred on random head voxels. Real scans are unlabelled, so their patches hold 
 a lesion fills the head; the lesion-centred synthetic patches serve the semantic, cycle and
 identity terms, but the discriminators see only the head-centred ones (with ``batch_size``
 1: all). Otherwise 'holds a lesion' would itself be a domain cue and the adversarial terms would
-push G to erase lesions and F to invent them (seen on the test's toy data after 40 steps: the
-lesion-to-head contrast fell from 1.9 to 0.6 z units and the segmenter's WT Dice on translated
-cases to 0.42-0.56; with the split, 1.1 and 0.94-0.96).
+push G to erase lesions and F to invent them (DESIGN.md, Decisions: what the translator's
+discriminators see).
 
 Determinism: the batch of step ``t`` is drawn from ``default_rng(derive_seed(seed,
 "translator-batch", t))`` and the networks are initialised from ``derive_seed(seed,

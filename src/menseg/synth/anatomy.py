@@ -28,6 +28,8 @@ Approximations (documented because the template has no dura, falx or tentorium l
   lobes and cerebellum, searched near a tent-shaped prior surface, then smoothed).
 * seed regions are MNI-coordinate boxes / orientation rules over dura voxels (see
   :data:`SITE_NAMES` and ``_site_zones``); they are exclusive.
+
+FACTS §n: section n of ``docs/MENINGIOMA_FACTS.md`` (sourced meningioma and MR facts).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ handful of elementwise passes; the blur is a 3-tap binomial filter applied as sh
 in-place adds (exact variance, measured several times faster than ``conv1d``/``conv3d``
 on CPU); low-resolution fields are upsampled with ``F.interpolate``; everything after the
 blur runs on the masked voxels only (flat ``index_select`` / ``index_copy_``).
+
+FACTS §n: section n of ``docs/MENINGIOMA_FACTS.md`` (sourced meningioma and MR facts).
 """
 
 from __future__ import annotations

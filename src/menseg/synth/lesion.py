@@ -26,6 +26,8 @@ Per lesion (all lengths in mm, volumes in cm3, voxel coordinates in index units)
 Everything is computed in each lesion's bounding box, so cost scales with the lesion, not the
 volume. :func:`inject_into_image` runs the same machinery on a pseudo tissue map estimated from a
 real scan and paints lesion intensities derived from the scan's own tissue statistics.
+
+FACTS §n: section n of ``docs/MENINGIOMA_FACTS.md`` (sourced meningioma and MR facts).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Same anatomy and the same lesion sites at every visit; between visits the
 lesions grow, the oedema changes, and each visit gets its own scanner
 appearance and a small rigid head pose change.
 
-Growth model (MENINGIOMA_FACTS §3): per lesion, a one-year relative growth rate
-``r`` (%/yr) drawn log-normally, median 5 %/yr, clipped to 0.5-70 %/yr
+Growth model (``docs/MENINGIOMA_FACTS.md`` §3, "FACTS §3" below): per lesion, a one-year
+relative growth rate ``r`` (%/yr) drawn log-normally, median 5 %/yr, clipped to 0.5-70 %/yr
 (Nakamura 2003: 0.48-72.8 %/yr; Zeidman 2008: 5.8 %/yr volumetric), and a
 Gompertz curve (FACTS §3 suggests logistic/Gompertz; sigmoidal is the most
 frequent observed pattern, 35 %, Neuro-Oncol Pract 2019)::

@@ -23,6 +23,8 @@ Image formation: per-tissue noiseless signal (look-up table) x PD texture x rece
 coil sensitivity -> area-average to the acquisition grid (thick slices) -> complex
 Gaussian noise at the acquisition voxel, magnitude (Rician) -> linear interpolation back
 to the synthesis grid -> scanner scale -> skull-strip mask (0 outside).
+
+FACTS §n: section n of ``docs/MENINGIOMA_FACTS.md`` (sourced meningioma and MR facts).
 """
 
 from __future__ import annotations
