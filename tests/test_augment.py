@@ -95,16 +95,23 @@ def test_spatial_identity_and_exact_rotation() -> None:
     # Zero angle: grid hits voxel centres exactly.
     i, lab = rot.apply(image, label, dataclasses.replace(p0, angles=(0.0, 0.0, 0.0)))
     assert torch.allclose(i, image, atol=1e-5) and torch.equal(lab, label)
-    # 90 degrees about z on a square X-Y patch is a pure voxel permutation.
+    # 90 degrees about z on a square X-Y patch is a pure voxel permutation. Output offset p reads
+    # the input at R p (R = rotation_matrix(angles)), so the content turns by R^-1: +90 degrees about
+    # z moves what was at +x to -y, which is torch.rot90 with k=-1 over (x, y).
+    rot90z = dataclasses.replace(p0, angles=(0.0, 0.0, math.pi / 2))
     cube_img = torch.randn(2, 9, 9, 5, generator=torch.Generator().manual_seed(1))
     cube_lab = (cube_img[0] > 0).to(torch.uint8)
-    i, lab = rot.apply(cube_img, cube_lab, dataclasses.replace(p0, angles=(0.0, 0.0, math.pi / 2)))
-    ref = torch.rot90(cube_img, k=-1, dims=(1, 2))
-    ref_lab = torch.rot90(cube_lab, k=-1, dims=(0, 1))
-    if not torch.allclose(i, ref, atol=1e-4):
-        ref, ref_lab = torch.rot90(cube_img, k=1, dims=(1, 2)), torch.rot90(cube_lab, k=1, dims=(0, 1))
-    assert torch.allclose(i, ref, atol=1e-4)
-    assert torch.equal(lab, ref_lab)
+    i, lab = rot.apply(cube_img, cube_lab, rot90z)
+    assert torch.allclose(i, torch.rot90(cube_img, k=-1, dims=(1, 2)), atol=1e-4)
+    assert torch.equal(lab, torch.rot90(cube_lab, k=-1, dims=(0, 1)))
+    assert not torch.allclose(i, torch.rot90(cube_img, k=1, dims=(1, 2)), atol=1e-4)
+    # One voxel, centre (4, 4) + x -> centre - y, in the image and the label alike.
+    dot_img = torch.zeros(1, 9, 9, 5)
+    dot_img[0, 5, 4, 2] = 1.0
+    dot_lab = (dot_img[0] > 0).to(torch.uint8)
+    i, lab = rot.apply(dot_img, dot_lab, rot90z)
+    assert (i[0] > 0.5).nonzero().tolist() == [[4, 3, 2]]
+    assert lab.nonzero().tolist() == [[4, 3, 2]]
 
 
 def test_scale_keeps_labels_and_fuses() -> None:

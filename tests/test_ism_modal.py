@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import pytest
 import torch
 
+from menseg.config import ModelConfig
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
 from menseg.ism.modal import (
@@ -18,6 +18,8 @@ from menseg.ism.modal import (
     presence_from_names,
     sample_presence,
 )
+from menseg.nets import build_network
+from menseg.nets.unet import decode, encode
 
 M = len(MODALITIES)
 SIZE = (12, 10, 8)
@@ -326,16 +328,8 @@ def test_sampled_presence_trains_the_stem() -> None:
 # --- with the U-Net
 
 
-HAS_UNET = importlib.util.find_spec("menseg.nets.unet") is not None
-
-
-@pytest.mark.skipif(not HAS_UNET, reason="menseg.nets.unet not there yet")
 @pytest.mark.parametrize("deep_supervision", [False, True])
 def test_composes_with_dynunet_encode_decode(deep_supervision: bool) -> None:
-    from menseg.config import ModelConfig
-    from menseg.nets import build_network
-    from menseg.nets.unet import decode, encode
-
     patch = (16, 16, 8)
     mcfg = ModelConfig(filters=(8, 16, 32), deep_supervision=deep_supervision, deep_supr_num=1)
     torch.manual_seed(0)

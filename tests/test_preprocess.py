@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ from menseg.data.layouts import discover_cases
 from menseg.data.preprocess import invert, load_case, preprocess
 from menseg.data.validate import check_dataset
 from nifti_factory import blob_case, ras_affine, to_lps
-
-REAL = Path("/work/shared/data/real-unlabeled")
+from shared_data import REAL_UNLABELED, needs_real_unlabeled
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -145,16 +143,16 @@ def test_full_size_case_is_fast():
     assert dt < 8.0, f"preprocessing a 240x240x155 case took {dt:.1f} s"
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"real unlabelled cases not available at {REAL}")
+@needs_real_unlabeled
 def test_real_unlabelled_cases():
-    reports = check_dataset(REAL, progress=False)
+    reports = check_dataset(REAL_UNLABELED, progress=False)
     assert len(reports) >= 3
     by_id = {r.case_id: r for r in reports}
     assert all(r.shape == (240, 240, 155) and r.label_volumes is None for r in reports)
     assert {r.orientation for r in reports} >= {"LPS", "RAS"}
     lps_id = next(r.case_id for r in reports if r.orientation == "LPS")
     assert by_id[lps_id].dtype == "int16"
-    case = next(c for c in discover_cases(REAL) if c.case_id == lps_id)
+    case = next(c for c in discover_cases(REAL_UNLABELED) if c.case_id == lps_id)
     image, label, affine = load_case(case)
     assert label is None and image.shape == (4, 240, 240, 155)
     t0 = time.perf_counter()

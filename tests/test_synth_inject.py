@@ -22,12 +22,12 @@ from menseg.data.validate import check_dataset
 from menseg.errors import MensegError
 from menseg.synth.inject import inject_dataset, injection_seed, load_injection_sidecar, replay_injection
 from menseg.synth.lesion import LesionConfig
+from shared_data import REAL_UNLABELED, needs_real_unlabeled
 
 SHAPE = (40, 40, 40)
 SP = 3.0
 #: Moderate lesions so they fit the 120 mm phantom head; oedema always (exercises SNFH).
 CFG = LesionConfig(volume_median_cm3=8.0, volume_log_sigma=0.3, oedema_p_range=(1.0, 1.0))
-REAL = Path("/work/shared/data/real-unlabeled")
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -201,10 +201,10 @@ def test_cli_inject(src, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="no real scans")
+@needs_real_unlabeled
 def test_inject_real_scan_subsampled(tmp_path):
     """One real scan, 2x subsampled (2 mm) so it runs in ~2 s: lesion placed, rest untouched."""
-    case = discover_cases(REAL)[0]
+    case = discover_cases(REAL_UNLABELED)[0]
     ds = tmp_path / "real" / case.case_id
     ds.mkdir(parents=True)
     for m in MODALITIES:

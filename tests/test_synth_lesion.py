@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from menseg.synth.tissues import (
     VENTRICLE,
     WM,
 )
+from shared_data import REAL_UNLABELED, needs_real_unlabeled
 
 SP = (4.0, 4.0, 4.0)
 
@@ -173,14 +173,11 @@ def test_inject_phantom():
     _check_injection(img, lab, (3.0, 3.0, 3.0))
 
 
-REAL = Path("/work/shared/data/real-unlabeled")
-
-
-@pytest.mark.skipif(not REAL.exists(), reason="no real scans")
+@needs_real_unlabeled
 def test_inject_real_scan():
     from menseg.data.layouts import discover_cases
     from menseg.data.preprocess import load_case
-    cases = discover_cases(REAL)
+    cases = discover_cases(REAL_UNLABELED)
     img, _, aff = load_case(cases[0])
     img = torch.from_numpy(img)[:, ::3, ::3, ::3].contiguous()  # ~3 mm, fast
     sp = tuple(float(v) * 3 for v in np.linalg.norm(aff[:3, :3], axis=0))

@@ -8,6 +8,7 @@ import torch
 from menseg.config import AlignConfig
 from menseg.errors import MensegError
 from menseg.sim2real.align import (
+    MMD_SCALES,
     DomainClassifier,
     FeatureAligner,
     align_weight,
@@ -101,6 +102,19 @@ def test_distances_differentiable(dist):
     c = torch.randn(32, 5, generator=gen, requires_grad=True)
     dist(c, c).backward()  # zero distances: still a finite gradient
     assert torch.isfinite(c.grad).all()
+
+
+def test_mmd_equals_hand_computed_value():
+    # a = {0, 1}, b = {3} in 1-D: pairwise distances 1, 3, 2 -> median bandwidth 2.
+    a, b = torch.tensor([[0.0], [1.0]]), torch.tensor([[3.0]])
+
+    def k(d: float) -> float:
+        return sum(math.exp(-d * d / (2 * (2.0 * s) ** 2)) for s in MMD_SCALES) / len(MMD_SCALES)
+
+    want = (2 + 2 * k(1)) / 4 + k(0) - 2 * (k(3) + k(2)) / 2
+    assert float(mmd_loss(a, b)) == pytest.approx(want, rel=1e-5)
+    assert want > 0.1  # far from 0: a wrong bandwidth or term would show
+    assert float(mmd_loss(b, a)) == pytest.approx(want, rel=1e-5)
 
 
 def test_mmd_different_sizes():
