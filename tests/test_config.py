@@ -1,3 +1,5 @@
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -6,22 +8,140 @@ import yaml
 from menseg.config import (
     PACKAGED_CONFIGS,
     Config,
+    flat_config,
     load_config,
+    packaged_config_names,
     parse_overrides,
-    replace,
     save_config,
     to_dict,
+    with_overrides,
 )
 from menseg.errors import MensegError
 
 
 def test_packaged_configs_load():
-    names = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
-    assert "baseline" in names and "demo" in names
+    names = packaged_config_names()
+    assert {"baseline", "demo", "ism", "sim2real", "sim2real/s2r-raw"} <= set(names)
     for n in names:
         cfg = load_config(n)
         assert isinstance(cfg, Config)
-        assert cfg.name == n
+        assert cfg.name == n.split("/")[-1]
+
+
+# ---------------------------------------------------------------- variants as diffs
+
+
+def test_base_merges_recursively_lists_replace_and_chains(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: baseline\nname: a\ntrain: {steps: 7, patch_size: [32, 32, 32]}\n"
+                                     "ism: {spatial: {enabled: true, sources: [batch]}}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\ntrain: {patch_size: [16, 16, 16]}\n"
+                                             "ism: {spatial: {p: 0.25}}\n")
+    b = load_config(tmp_path / "sub" / "b.yaml", ["train.seed=3"])
+    base = load_config("baseline")
+    assert b.name == "b" and b.train.steps == 7 and b.train.patch_size == (16, 16, 16)  # dicts merge
+    assert b.train.seed == 3 and b.train.lr == base.train.lr and b.model == base.model
+    assert b.ism.spatial.enabled and b.ism.spatial.p == 0.25 and b.ism.spatial.sources == ("batch",)
+    (tmp_path / "c.yaml").write_text("base: ism\nism: {spatial: {sources: [location]}}\n")
+    assert load_config(tmp_path / "c.yaml").ism.spatial.sources == ("location",)  # lists replace
+
+
+@pytest.mark.parametrize("files, fragment", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "cycle"),
+    ({"a.yaml": "base: a.yaml\n"}, "cycle"),
+    ({"a.yaml": "base: nope\n"}, "'nope' is not a packaged config"),
+    ({"a.yaml": "base: gone.yaml\n"}, "base config file not found"),
+    ({"a.yaml": "base: [baseline]\n"}, "'base' must name"),
+    ({"a.yaml": "base: baseline\ntrain: {stepz: 3}\n"}, "unknown config key 'train.stepz'"),
+])
+def test_bad_bases_are_refused_in_one_line(tmp_path: Path, files: dict, fragment: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(MensegError, match=fragment) as e:
+        load_config(tmp_path / "a.yaml")
+    assert "\n" not in str(e.value)
+
+
+def _yaml_lines(path: Path) -> dict[str, int]:
+    """Dotted key -> 0-based line of every key in a YAML file."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                out[prefix + k.value] = k.start_mark.line
+                walk(v, f"{prefix}{k.value}.")
+
+    walk(yaml.compose(path.read_text()), "")
+    return out
+
+
+@pytest.mark.parametrize("name", packaged_config_names())
+def test_packaged_values_that_differ_from_the_defaults_say_why(name: str) -> None:
+    """Every value a packaged YAML sets that differs from the dataclass default carries a comment (on its
+    line or the line above); only names and ``enabled`` switches are explained by the file's header."""
+    defaults = flat_config(to_dict(Config()))
+    path, missing = PACKAGED_CONFIGS / f"{name}.yaml", []
+    while True:
+        raw = yaml.safe_load(path.read_text())
+        text = path.read_text().splitlines()
+        lines = _yaml_lines(path)
+        for key, value in flat_config({k: v for k, v in raw.items() if k != "base"}).items():
+            if key in ("name", "out_dir") or key.endswith(".enabled"):
+                continue
+            if key not in defaults:
+                missing.append(f"{path.name}: {key} is not a config key")
+                continue
+            default = defaults[key]
+            if value == default or (isinstance(default, float) and value == float(default)):
+                continue
+            i = lines[key]
+            if "#" not in text[i] and not (i > 0 and text[i - 1].lstrip().startswith("#")):
+                missing.append(f"{path.name}: {key}: {value!r} (default {default!r}) without a comment")
+        if "base" not in raw:
+            break
+        base = raw["base"]
+        path = (path.parent / base) if base.endswith(".yaml") else PACKAGED_CONFIGS / f"{base}.yaml"
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("name", [n for n in packaged_config_names() if n != "baseline"])
+def test_variants_are_short_diffs(name: str) -> None:
+    raw = yaml.safe_load((PACKAGED_CONFIGS / f"{name}.yaml").read_text())
+    assert "base" in raw
+    assert len(flat_config({k: v for k, v in raw.items() if k != "base"})) <= 12
+
+
+def test_every_packaged_config_ships_in_the_wheel_and_loads_from_it(tmp_path: Path) -> None:
+    """Build the wheel from a copy of the sources, install it into a folder, and load every packaged
+    config from the installed package (not from the source tree)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(root / f, src / f)
+    run = dict(capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], **run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("menseg-*.whl"))
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                          str(tmp_path / "site"), str(wheel)], **run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    code = ("import menseg, json; from menseg.config import load_config, packaged_config_names;"
+            "names = packaged_config_names();"
+            "print(json.dumps([menseg.__file__, names, [load_config(n).name for n in names]]))")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, **run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    where, names, loaded = json.loads(res.stdout)
+    assert where.startswith(str(tmp_path / "site"))
+    assert names == packaged_config_names()  # every packaged config, subfolders included
+    assert loaded == [n.split("/")[-1] for n in names]
 
 
 def test_overrides_types_and_shorthand(tmp_path: Path):
@@ -57,7 +177,7 @@ def test_roundtrip_save_load(tmp_path: Path):
     save_config(cfg, p)
     assert yaml.safe_load(p.read_text())["train"]["steps"] == 11
     assert load_config(p) == cfg
-    assert replace(cfg, ["train.seed=5"]).train.seed == 5
+    assert with_overrides(cfg, ["train.seed=5"]).train.seed == 5
     assert to_dict(cfg)["train"]["patch_size"] == list(cfg.train.patch_size)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from menseg.checkpoint import load_checkpoint, load_model, save_checkpoint
-from menseg.config import Config, ModelConfig, TrainConfig, replace, to_dict
+from menseg.config import Config, ModelConfig, TrainConfig, to_dict, with_overrides
 from menseg.errors import MensegError
 from menseg.nets import build_network, n_deep_heads, plan_strides, required_divisor
 
@@ -103,7 +103,7 @@ def test_load_checkpoint_errors(tmp_path) -> None:
 
     # Weights that do not match the stored architecture.
     other = tmp_path / "other.pt"
-    wrong = replace(cfg, ["model.filters=[4,8,16,64]"])
+    wrong = with_overrides(cfg, ["model.filters=[4,8,16,64]"])
     save_checkpoint(other, {"model": net.state_dict(), "config": to_dict(wrong)})
     with pytest.raises(MensegError, match="do not match"):
         load_model(other)

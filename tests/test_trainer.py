@@ -11,11 +11,12 @@ import torch
 import yaml
 
 from menseg.checkpoint import load_checkpoint, load_model
-from menseg.config import Config, from_dict, load_config, replace
+from menseg.config import Config, from_dict, load_config, with_overrides
 from menseg.data.phantom import write_phantom_dataset
 from menseg.data.sampling import PatchSampler
 from menseg.errors import MensegError
-from menseg.train.trainer import StepBatches, _iter_batches, poly_lr, split_cases, train
+from menseg.train.batches import iter_batches
+from menseg.train.trainer import StepBatches, poly_lr, split_cases, train
 
 STEPS = 6
 
@@ -156,9 +157,9 @@ def test_refuses_non_empty_out_dir_and_bad_resume(full_run, data: Path, tmp_path
     with pytest.raises(MensegError, match="nothing to resume"):
         train(_cfg(data, tmp_path / "fresh"), resume=True, progress=False)
     with pytest.raises(MensegError, match="model.filters"):
-        train(replace(cfg, ["model.filters=[4,8,32]"]), resume=True, progress=False)
+        train(with_overrides(cfg, ["model.filters=[4,8,32]"]), resume=True, progress=False)
     with pytest.raises(MensegError, match="data.root"):
-        train(replace(cfg, ["data.root=null", f"out_dir={tmp_path / 'x'}"]), progress=False)
+        train(with_overrides(cfg, ["data.root=null", f"out_dir={tmp_path / 'x'}"]), progress=False)
 
 
 def test_split_cases_reproducible() -> None:
@@ -185,8 +186,8 @@ def test_worker_batches_equal_main_process() -> None:
     lab[5:8, 5:8, 5:8] = 3
     sampler = PatchSampler([(rng.normal(size=(4, 20, 20, 20)).astype(np.float32), lab)], (8, 8, 8), 0.5)
     ds = StepBatches(sampler, 2, seed=4)
-    main = list(_iter_batches(ds, 3, 6, num_workers=0, pin=False))
-    workers = list(_iter_batches(ds, 3, 6, num_workers=1, pin=False))
+    main = list(iter_batches(ds, 3, 6, num_workers=0, pin=False))
+    workers = list(iter_batches(ds, 3, 6, num_workers=1, pin=False))
     for (a, b, e), (c, d, f) in zip(main, workers, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d) and torch.equal(e, f)
         assert e.tolist() == [0, 0]  # the case index of each sample

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from menseg.checkpoint import load_checkpoint
-from menseg.config import PACKAGED_CONFIGS, load_config
+from menseg.config import PACKAGED_CONFIGS, load_config, packaged_config_names
 from menseg.data.phantom import write_phantom_dataset
 from menseg.train.trainer import train
 
@@ -43,16 +43,8 @@ MICRO = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[1
          "sim2real.translator.checkpoint_every=2", "sim2real.translator.semantic_warmup=2"]
 
 
-def packaged_configs() -> list[str]:
-    """Every packaged training config by name (``sim2real/s2r-raw`` for subfolders; bench profiles are
-    not training configs)."""
-    names = [p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix()
-             for p in sorted(PACKAGED_CONFIGS.rglob("*.yaml"))]
-    return [n for n in names if not n.startswith("bench/")]
-
-
 #: Cases of the guard: (id, packaged config, longitudinal cohort?).
-CASES = [(n, n, False) for n in packaged_configs()] + [("ism@visits", "ism", True)]
+CASES = [(n, n, False) for n in packaged_config_names()] + [("ism@visits", "ism", True)]
 
 
 def weights_digest(run: Path) -> str:
@@ -115,5 +107,5 @@ def test_packaged_config_trains_to_the_recorded_weights(
         old["digests"][case] = digest
         DIGESTS.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
         return
-    assert case in recorded["digests"], f"no recorded digest for {case}; record it with MENSEG_RECORD_DIGESTS=1"
+    assert case in recorded["digests"], f"no digest recorded for {case}; record with MENSEG_RECORD_DIGESTS=1"
     assert digest == recorded["digests"][case], f"{case}: the weights after {STEPS} steps changed"

@@ -123,7 +123,7 @@ class InferConfig:
     min_component_mm3: float = 10.0  #: predicted components smaller than this are removed
     threshold: float = 0.5
     #: fp32 | bf16 | auto (bf16 where the device runs it natively: CUDA, CPUs with AVX512-BF16/AMX;
-    #: measured 2-3x faster than fp32 on such a CPU with the same Dice on the demo, see CHANGELOG)
+    #: faster there at the same Dice: DESIGN.md, Decisions: inference precision)
     precision: str = "auto"
     #: auto | device | cpu: where the sliding-window outputs are accumulated. auto: on the CPU when a
     #: GPU predicts a volume whose buffers (input + 3 outputs + weights, fp32) exceed a quarter of its
@@ -284,8 +284,8 @@ class TranslatorConfig:
     patch_size: tuple[int, int, int] = (32, 32, 32)  #: voxels
     batch_size: int = 2
     channels: int = 16  #: generator width (discriminator: same)
-    #: Adam, betas (0.5, 0.999) as CycleGAN; 5x its lr: at 2e-4 the small translator had not moved after
-    #: 300 steps, at 1e-3 150 steps cut a domain classifier's accuracy from 0.78 to 0.59 (site-a, 2 mm)
+    #: Adam, betas (0.5, 0.999) as CycleGAN; 5x its lr, because at 2e-4 the small translator did not
+    #: move within its step budget (DESIGN.md, Decisions: translator learning rate)
     lr: float = 1e-3
     cycle_weight: float = 10.0  #: CycleGAN's lambda
     identity_weight: float = 5.0  #: 0.5 * cycle_weight, as CycleGAN
@@ -507,16 +507,60 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def packaged_config_names() -> list[str]:
+    """Names of the packaged training configs (``sim2real/s2r-raw`` for subfolders; not bench profiles)."""
+    return [n for n in (p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix()
+                        for p in sorted(PACKAGED_CONFIGS.rglob("*.yaml"))) if not n.startswith("bench/")]
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a packaged config (``baseline``)."""
+    """A YAML path, or the name of a packaged config (``baseline``, ``sim2real/s2r-raw``)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
     packaged = PACKAGED_CONFIGS / f"{name_or_path}.yaml"
     if packaged.is_file():
         return packaged
-    known = ", ".join(sorted(x.stem for x in PACKAGED_CONFIGS.glob("*.yaml")))
+    known = ", ".join(packaged_config_names())
     raise MensegError(f"no such config file or packaged config (packaged: {known})", p)
+
+
+def _resolve_base(base: Any, including: Path) -> Path:
+    """``base:`` of the config file ``including``: a ``.yaml`` path (relative to that file's folder) or
+    a packaged config name."""
+    if not isinstance(base, str) or not base:
+        raise MensegError(f"'base' must name a packaged config or a .yaml file, got {base!r}", including)
+    if base.endswith((".yaml", ".yml")):
+        path = (including.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not path.is_file():
+            raise MensegError(f"base config file not found: {base}", including)
+        return path
+    packaged = PACKAGED_CONFIGS / f"{base}.yaml"
+    if not packaged.is_file():
+        raise MensegError(f"base '{base}' is not a packaged config (packaged: "
+                          f"{', '.join(packaged_config_names())}; a file must end in .yaml)", including)
+    return packaged
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` merged onto its ``base:`` chain (dicts merge, lists and values
+    replace); a cycle of bases is refused."""
+    key = path.resolve()
+    if key in chain:
+        names = " -> ".join(p.name for p in (*chain, key))
+        raise MensegError(f"config bases form a cycle ({names})", path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MensegError(f"not valid YAML ({e})", path) from None
+    except OSError as e:
+        raise MensegError(f"cannot read config ({e.strerror})", path) from None
+    if not isinstance(loaded, dict):
+        raise MensegError("config must be a YAML mapping", path)
+    if "base" not in loaded:
+        return loaded
+    base = loaded.pop("base")
+    return _merge(_read_config_file(_resolve_base(base, path), (*chain, key)), loaded)
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -561,22 +605,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a config (packaged name or YAML path), apply dotted overrides, validate."""
+    """Load a config (packaged name or YAML path), apply dotted overrides, validate.
+
+    A config file may start with ``base: NAME_OR_PATH`` (a packaged config, or a ``.yaml`` file relative
+    to it) and list only what differs: it is merged onto its base recursively (mappings merge, lists and
+    values replace), bases may have bases, and a cycle is refused.
+    """
     d: dict[str, Any] = {}
     if name_or_path is not None:
-        path = resolve_config_path(name_or_path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MensegError(f"not valid YAML ({e})", path) from None
-        if not isinstance(loaded, dict):
-            raise MensegError("config must be a YAML mapping", path)
-        d = loaded
+        d = _read_config_file(resolve_config_path(name_or_path))
     d = _merge(d, parse_overrides(overrides or []))
     return from_dict(Config, d)
 
 
-def replace(cfg: Config, overrides: list[str]) -> Config:
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Return ``cfg`` with dotted overrides applied."""
     return from_dict(Config, _merge(to_dict(cfg), parse_overrides(overrides)))
 

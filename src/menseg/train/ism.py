@@ -36,9 +36,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from menseg.config import Config
 from menseg.data.sampling import PatchSampler, choose_start, crop_pad
@@ -47,7 +49,9 @@ from menseg.ism.modal import sample_presence
 from menseg.ism.model import ISMNet
 from menseg.ism.spatial import FieldBatch, gather_partner, keep_own, mix_targets, sample_field_batch
 from menseg.train.augment import augment_batch
+from menseg.train.batches import StepBatches, split_cases
 from menseg.train.losses import labels_to_regions
+from menseg.train.parts import Part, TrainSetup, register
 from menseg.utils import derive_seed
 
 log = logging.getLogger(__name__)
@@ -238,4 +242,135 @@ class VisitStep:
         return out, target, stats
 
 
-__all__ = ["ISMStep", "VisitStep", "pack_pair", "synthetic_pool"]
+class PairBatches(StepBatches):
+    """:class:`StepBatches` for visit pairs (``sampler``: a :class:`menseg.ism.visits.PairSampler`):
+    item ``t`` is :func:`pack_pair` of the sampler's batch of step ``t``."""
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
+        sl = slice(self.part.start, self.part.stop)
+        return tuple(a[sl] for a in pack_pair(self.sampler.batch(rng, self.batch_size)))  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- the part
+
+
+def is_longitudinal(root: str) -> bool:
+    """Whether ``root`` holds the longitudinal layout."""
+    from menseg.data.layouts import detect_layout
+
+    try:
+        return detect_layout(root) == "longitudinal"
+    except MensegError:
+        return False
+
+
+@dataclass(frozen=True)
+class _Visit:
+    """A visit as the trainer's validation reads it (single-visit validation)."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+
+
+def load_visits(cfg: Config, cache: Path) -> tuple[list[Any], list[Any]]:
+    """Longitudinal data for temporal fusion: ``(train visit pairs, validation visits)``.
+
+    The validation split is drawn over *patients* (``data.val_cases`` may name patients), so no
+    patient is both trained and validated on; validation runs on single visits.
+    """
+    from menseg.ism.visits import load_visit_pairs
+
+    pairs = load_visit_pairs(cfg.data.root, cfg.data.spacing, cache, cases=cfg.data.cases,
+                             seed=cfg.train.seed)  # type: ignore[arg-type]
+    patients = sorted({p.patient for p in pairs})
+    if len(patients) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
+        raise MensegError(f"need at least 2 patients (training + validation), found {len(patients)}",
+                          cfg.data.root)
+    train_p, val_p = split_cases(patients, cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed)
+    train = [p for p in pairs if p.patient in set(train_p)]
+    val = [_Visit(p.case_id, p.image, p.label) for p in pairs if p.patient in set(val_p)]
+    log.info("longitudinal data: %d training visits (%d with an earlier visit) of %d patients, "
+             "%d validation visits of patients %s", len(train), sum(p.has_prior for p in train),
+             len(train_p), len(val), ", ".join(val_p))
+    return train, val
+
+
+@register
+class ISMPart(Part):
+    """ISM as a training part: the :class:`ISMNet` network, and the step's forward with spatial mixing
+    and sequence dropout (:class:`ISMStep`) or, on the longitudinal layout with ``ism.temporal``, visit
+    pairs with temporal fusion and mixing (:class:`VisitStep`)."""
+
+    name = "ism"
+    count_stats = frozenset({"ism_mixed", "ism_dropped", "ism_with_prior", "ism_temporal_mixed"})
+    runs_on = frozenset({"cases", "visit pairs"})
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.visits = bool(cfg.ism.temporal.enabled and cfg.data.root and is_longitudinal(cfg.data.root))
+        self.step: ISMStep | VisitStep | None = None
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.ism.any
+
+    @property
+    def sample_kind(self) -> str | None:
+        return "visit pairs" if self.visits else None
+
+    @property
+    def sample_hint(self) -> str:
+        return ("a longitudinal data.root with ism.temporal; use a BraTS / nnU-Net layout or switch one of "
+                "them off")
+
+    @property
+    def owns_forward(self) -> bool:
+        return self.visits or self.cfg.ism.spatial.enabled or self.cfg.ism.modal.enabled
+
+    @property
+    def unused_parameters(self) -> bool:
+        return True  # the mixer runs on random steps, the temporal map only with a prior
+
+    def load_data(self, run: TrainSetup) -> tuple[list[Any], list[Any]] | None:
+        if not self.visits:
+            return None
+        from menseg.ism.visits import PairSampler
+
+        train, val = load_visits(self.cfg, run.cache)
+        tc = self.cfg.train
+        run.sampler = PairSampler(train, tc.patch_size, tc.fg_oversample)
+        run.batches = PairBatches
+        return train, val
+
+    def network(self) -> nn.Module:
+        from menseg.ism.model import build_model
+
+        return build_model(self.cfg)
+
+    def setup(self, run: TrainSetup) -> None:
+        cfg = self.cfg
+        if self.visits:
+            self.step = VisitStep(run.rank_cfg, run.model)  # type: ignore[arg-type]
+        elif cfg.ism.spatial.enabled or cfg.ism.modal.enabled:
+            syn = None
+            if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
+                syn = synthetic_pool(cfg, run.out, run.cache)
+            self.step = ISMStep(run.rank_cfg, run.model, run.sampler, syn)  # type: ignore[arg-type]
+
+    def bind(self, model: nn.Module) -> None:
+        if self.step is not None:
+            self.step.model = model  # type: ignore[assignment]
+
+    def forward(self, step: int, img: Tensor, lab: Tensor, meta: Tensor
+                ) -> tuple[Any, Tensor, dict[str, float]] | None:
+        if self.step is None:
+            return None
+        if self.visits:
+            return self.step.forward(step, img, lab, meta.to(img.device))  # type: ignore[arg-type]
+        return self.step.forward(step, img, lab, meta.tolist())  # type: ignore[arg-type]
+
+
+__all__ = ["ISMPart", "ISMStep", "PairBatches", "VisitStep", "is_longitudinal", "load_visits", "pack_pair",
+           "synthetic_pool"]

@@ -41,6 +41,8 @@ from menseg.config import Config, Sim2RealConfig, to_dict
 from menseg.data.sampling import PatchChoice, PatchSampler, choose_start, foreground_coords, n_foreground
 from menseg.errors import MensegError
 from menseg.train.augment import augment_batch
+from menseg.train.batches import StepBatches
+from menseg.train.parts import Part, TrainSetup, register
 from menseg.utils import derive_seed, json_digest
 
 log = logging.getLogger(__name__)
@@ -372,3 +374,77 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
         align = AlignStep(cfg, model, aligner, source, target)
     log.info("sim2real: %s", ", ".join(f"{k} {v}" for k, v in info.items()))
     return Sim2RealParts(sampler, align, info)
+
+
+class MixedBatches(StepBatches):
+    """:class:`StepBatches` for Sim2Real (``sampler``: a :class:`MixedSampler`): the source of each sample
+    of step ``t`` follows the schedule; ``case`` indices are global."""
+
+    def choices(self, step: int, rng: np.random.Generator) -> list[Any]:
+        return self.sampler.sample_step(step, rng, self.batch_size)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- the part
+
+
+@register
+class Sim2RealPart(Part):
+    """Sim2Real as a training part: the mixed sampler over real, synthetic (translated) and injected
+    cases, the unknown-label mask of unlabelled hosts, the per-source sample counts, and the
+    feature-alignment term with its domain classifier (checkpoint key ``aligner``)."""
+
+    name = "sim2real"
+    count_stats = frozenset({f"s2r_{s}" for s in SOURCES})
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.parts: Sim2RealParts | None = None
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.sim2real.enabled
+
+    @property
+    def trains_without_labels(self) -> bool:
+        return True
+
+    @property
+    def uses_unlabelled(self) -> bool:
+        return True
+
+    @property
+    def unused_parameters(self) -> bool:
+        return self.cfg.sim2real.align.method != "none"
+
+    def setup(self, run: TrainSetup) -> None:
+        self.parts = build(self.cfg, run.model, run.train_cases, run.cache, run.device,  # type: ignore[arg-type]
+                           run.progress)
+        run.sampler = self.parts.sampler
+        run.batches = MixedBatches
+        if self.parts.align is not None:  # alignment patches are the rank's own draws
+            self.parts.align.cfg = run.rank_cfg
+
+    @property
+    def _align(self) -> AlignStep | None:
+        return self.parts.align if self.parts is not None else None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"aligner": self._align.aligner} if self._align is not None else {}
+
+    def bind(self, model: nn.Module) -> None:
+        if self._align is not None:
+            self._align.model = model
+
+    def label_mask(self, lab: Tensor, always: bool) -> tuple[Tensor, Tensor | None]:
+        unknown = lab == UNKNOWN
+        if always or bool(unknown.any()):
+            return lab.masked_fill(unknown, 0), ~unknown
+        return lab, None
+
+    def batch_stats(self, meta: Tensor) -> dict[str, float]:
+        assert self.parts is not None
+        srcs = [self.parts.sampler.source_of(int(c)) for c in meta.tolist()]
+        return {f"s2r_{n}": float(srcs.count(k)) for k, n in enumerate(SOURCES)}
+
+    def extra_loss(self, step: int, device: torch.device) -> tuple[Tensor, dict[str, float]] | None:
+        return self._align.loss(step, device) if self._align is not None else None

@@ -32,8 +32,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from torch import nn
 from menseg.checkpoint import load_latest, save_checkpoint
 from menseg.config import Config, flat_config, save_config, to_dict
 from menseg.constants import REGION_NAMES
-from menseg.data.sampling import PatchSampler
 from menseg.errors import MensegError
+from menseg.train.batches import StepBatches, cache_dir, iter_batches, split_cases
+from menseg.train.parts import Part, StepModule, TrainSetup, build_parts
 from menseg.utils import LOCK_NAME, derive_seed, folder_lock, remove_atomic_leftovers, truncate_jsonl
 
 log = logging.getLogger(__name__)
@@ -65,102 +66,6 @@ RESUMABLE_CHANGES = {
 def poly_lr(base_lr: float, step: int, total: int, exponent: float = POLY_EXPONENT) -> float:
     """Learning rate at (0-based) ``step`` of ``total``: ``base * (1 - step/total)^exponent``."""
     return base_lr * (1.0 - min(step, total) / max(total, 1)) ** exponent
-
-
-def split_cases(ids: Sequence[str], val_fraction: float, val_cases: Sequence[str], seed: int) -> tuple[
-    list[str], list[str]
-]:
-    """Split case ids into ``(train, val)`` reproducibly from ``seed``.
-
-    ``val_cases`` (explicit ids) overrides ``val_fraction``; otherwise
-    ``max(1, round(n * val_fraction))`` cases are held out (none when the
-    fraction is 0), chosen by a permutation seeded from ``(seed, "split")``.
-    At least one case is always left for training.
-    """
-    ids = list(ids)
-    if val_cases:
-        unknown = sorted(set(val_cases) - set(ids))
-        if unknown:
-            raise MensegError(f"data.val_cases: no labelled case '{unknown[0]}' in the dataset")
-        val = [i for i in ids if i in set(val_cases)]
-    elif val_fraction > 0:
-        n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
-        perm = np.random.default_rng(derive_seed(seed, "split")).permutation(len(ids))
-        val = sorted(ids[i] for i in perm[:n_val])
-    else:
-        val = []
-    train = [i for i in ids if i not in set(val)]
-    if not train:
-        raise MensegError("no cases left for training after holding out the validation cases")
-    return train, val
-
-
-# ---------------------------------------------------------------- batches
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Dataset indexed by step: item ``t`` is the (un-augmented) batch of step ``t``.
-
-    Returns numpy ``(image (B, C, *patch) f32, label (B, *patch) uint8, case (B,) int64)``
-    (``case``: each sample's index in the sampler's case list); a pure function of
-    ``(seed, t)``, so worker processes need no seeding.
-    """
-
-    def __init__(self, sampler: PatchSampler, batch_size: int, seed: int, part: range | None = None) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.seed = seed
-        #: the samples of each global batch this process builds (a DDP rank's shard); all by default
-        self.part = range(batch_size) if part is None else part
-
-    def __len__(self) -> int:
-        return 2**31 - 1
-
-    def choices(self, step: int, rng: np.random.Generator) -> list[Any]:
-        """The patch choices of ``step`` (``rng`` seeded from ``(seed, "batch", step)``)."""
-        return self.sampler.sample(rng, self.batch_size)
-
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        choices = self.choices(int(step), rng)[self.part.start:self.part.stop]
-        pairs = [self.sampler.extract(c) for c in choices]
-        cases = np.asarray([c.case for c in choices], dtype=np.int64)
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), cases
-
-
-class PairBatches(StepBatches):
-    """:class:`StepBatches` for visit pairs (``sampler``: a :class:`menseg.ism.visits.PairSampler`):
-    item ``t`` is :func:`menseg.train.ism.pack_pair` of the sampler's batch of step ``t``."""
-
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from menseg.train.ism import pack_pair
-
-        rng = np.random.default_rng(derive_seed(self.seed, "batch", int(step)))
-        sl = slice(self.part.start, self.part.stop)
-        return tuple(a[sl] for a in pack_pair(self.sampler.batch(rng, self.batch_size)))  # type: ignore[return-value]
-
-
-class MixedBatches(StepBatches):
-    """:class:`StepBatches` for Sim2Real (``sampler``: a :class:`menseg.train.sim2real.MixedSampler`):
-    the source of each sample of step ``t`` follows the schedule; ``case`` indices are global."""
-
-    def choices(self, step: int, rng: np.random.Generator) -> list[Any]:
-        return self.sampler.sample_step(step, rng, self.batch_size)  # type: ignore[attr-defined]
-
-
-def _iter_batches(
-    ds: StepBatches, start: int, stop: int, num_workers: int, pin: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    if num_workers <= 0:
-        for t in range(start, stop):
-            img, lab, cases = ds[t]
-            yield torch.from_numpy(img), torch.from_numpy(lab), torch.from_numpy(cases)
-        return
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, sampler=range(start, stop), num_workers=num_workers, pin_memory=pin,
-        prefetch_factor=2,
-    )
-    yield from loader
 
 
 # ---------------------------------------------------------------- helpers
@@ -186,15 +91,6 @@ def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> Non
         log.warning("resuming with %s changed: %r -> %r", k, then.get(k), now.get(k))
 
 
-def _is_longitudinal(root: str) -> bool:
-    from menseg.data.layouts import detect_layout
-
-    try:
-        return detect_layout(root) == "longitudinal"
-    except MensegError:
-        return False
-
-
 def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """Autocast dtype (None: fp32) and loss scaler (fp16 only) of ``train.amp`` / ``train.amp_dtype``."""
     tc = cfg.train
@@ -218,20 +114,16 @@ def prepare_network(model: nn.Module, cfg: Config) -> nn.Module:
     return model
 
 
-def _cache_dir(cfg: Config, out: Path) -> Path:
-    """The preprocessing cache: ``data.cache_dir``, or ``<out_dir>/preprocessed``."""
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "preprocessed"
-
-
-def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
-    """Preprocessed ``(train_cases, val_cases)`` (PreprocessedCase lists)."""
+def _load_data(cfg: Config, cache: Path, parts: Sequence[Part]) -> tuple[list[Any], list[Any]]:
+    """Preprocessed ``(train_cases, val_cases)`` (PreprocessedCase lists) of the labelled cases."""
     from menseg.data.dataset import preprocess_dataset
     from menseg.data.layouts import discover_cases
 
     if not cfg.data.root:
-        if cfg.sim2real.enabled:
-            log.info("no labelled cases (data.root is not set): training on synthetic and injected "
-                     "cases only")
+        own = [p.name for p in parts if p.trains_without_labels]
+        if own:
+            log.info("no labelled cases (data.root is not set): training on the cases of %s only",
+                     ", ".join(own))
             return [], []
         raise MensegError("data.root is not set (give the dataset folder, e.g. data=DIR)")
     cases = [c for c in discover_cases(cfg.data.root) if c.label is not None]
@@ -243,7 +135,7 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
         if len(set(cfg.data.cases)) != len(cfg.data.cases):
             raise MensegError("data.cases lists a case id twice", cfg.data.root)
         cases = [by_id[i] for i in sorted(cfg.data.cases)]
-    if cfg.data.unlabeled_root and not cfg.sim2real.enabled:
+    if cfg.data.unlabeled_root and not any(p.uses_unlabelled for p in parts):
         log.info("data.unlabeled_root is set; this trainer configuration does not use unlabelled "
                     "scans (%s)", cfg.data.unlabeled_root)
     if len(cases) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
@@ -254,41 +146,9 @@ def _load_data(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
         [c.case_id for c in cases], cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed
     )
     log.info("%d training cases, %d validation cases (%s)", len(train_ids), len(val_ids), ", ".join(val_ids))
-    pre = preprocess_dataset(cases, _cache_dir(cfg, out), cfg.data.spacing)
+    pre = preprocess_dataset(cases, cache, cfg.data.spacing)
     by_id = {p.case_id: p for p in pre}
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
-
-
-@dataclass(frozen=True)
-class _Visit:
-    """A visit as :func:`validate` reads it (single-visit validation)."""
-
-    case_id: str
-    image: np.ndarray
-    label: np.ndarray
-
-
-def _load_visits(cfg: Config, out: Path) -> tuple[list[Any], list[Any]]:
-    """Longitudinal data for temporal fusion: ``(train visit pairs, validation visits)``.
-
-    The validation split is drawn over *patients* (``data.val_cases`` may name patients), so no
-    patient is both trained and validated on; validation runs on single visits.
-    """
-    from menseg.ism.visits import load_visit_pairs
-
-    pairs = load_visit_pairs(cfg.data.root, cfg.data.spacing, _cache_dir(cfg, out), cases=cfg.data.cases,
-                             seed=cfg.train.seed)  # type: ignore[arg-type]
-    patients = sorted({p.patient for p in pairs})
-    if len(patients) < 2 and not (cfg.data.val_fraction == 0 and not cfg.data.val_cases):
-        raise MensegError(f"need at least 2 patients (training + validation), found {len(patients)}",
-                          cfg.data.root)
-    train_p, val_p = split_cases(patients, cfg.data.val_fraction, cfg.data.val_cases, cfg.train.seed)
-    train = [p for p in pairs if p.patient in set(train_p)]
-    val = [_Visit(p.case_id, p.image, p.label) for p in pairs if p.patient in set(val_p)]
-    log.info("longitudinal data: %d training visits (%d with an earlier visit) of %d patients, "
-             "%d validation visits of patients %s", len(train), sum(p.has_prior for p in train),
-             len(train_p), len(val), ", ".join(val_p))
-    return train, val
 
 
 def validate(
@@ -325,34 +185,15 @@ def validate(
 
 # ---------------------------------------------------------------- train
 
-#: Step statistics that count samples: summed over DDP ranks (the others are averaged).
-COUNT_STATS = frozenset({"s2r_real", "s2r_synthetic", "s2r_injected", "ism_mixed", "ism_dropped",
-                         "ism_with_prior", "ism_temporal_mixed"})
-
-
-class _StepModule(nn.Module):
-    """The network (and Sim2Real domain classifier) with the step's whole forward, for DDP to wrap."""
-
-    def __init__(self, compute: Callable[..., tuple[Any, ...]], model: nn.Module, aligner: nn.Module | None
-                 ) -> None:
-        super().__init__()
-        self.compute = compute
-        self.model = model
-        self.aligner = aligner
-
-    def forward(self, *args: Any) -> tuple[Any, ...]:
-        return self.compute(*args)
-
-
-def _reduce_stats(loss: torch.Tensor, stats: dict[str, float], world: int, device: torch.device
-                  ) -> tuple[float, dict[str, float]]:
-    """The global batch's loss (mean over ranks) and step statistics (counts summed, others averaged)."""
+def _reduce_stats(loss: torch.Tensor, stats: dict[str, float], world: int, device: torch.device,
+                  counts: frozenset[str]) -> tuple[float, dict[str, float]]:
+    """The global batch's loss (mean over ranks) and step statistics (``counts`` summed, others averaged)."""
     from menseg.train.distributed import all_reduce_sum
 
     keys = sorted(stats)  # the same keys on every rank: they follow from the config
     vec = torch.tensor([float(loss.detach())] + [stats[k] for k in keys], dtype=torch.float64, device=device)
     vec = all_reduce_sum(vec).cpu()
-    out = {k: float(vec[i + 1]) / (1 if k in COUNT_STATS else world) for i, k in enumerate(keys)}
+    out = {k: float(vec[i + 1]) / (1 if k in counts else world) for i, k in enumerate(keys)}
     return float(vec[0]) / world, out
 
 
@@ -449,7 +290,7 @@ def _train(
     progress: bool,
     on_step: Callable[[int, int], None] | None,
 ) -> Path:
-    from menseg.ism.model import ISMNet, build_model
+    from menseg.nets import build_network
     from menseg.train import distributed as ddp
     from menseg.train.augment import augment_batch
     from menseg.train.losses import RegionDiceBCELoss
@@ -477,66 +318,37 @@ def _train(
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    visits = bool(cfg.ism.temporal.enabled and cfg.data.root and _is_longitudinal(cfg.data.root))
-    if visits and cfg.sim2real.enabled:
-        raise MensegError("sim2real does not run on visit pairs yet (a longitudinal data.root with "
-                          "ism.temporal); use a BraTS / nnU-Net layout or switch one of them off",
-                          cfg.data.root)
-    # What each rank draws on its own (dropout, ISM mixing, alignment patches) uses its rank seed;
+    parts = build_parts(cfg)  # the training ideas the config switches on, checked to run together
+    # What each rank draws on its own (dropout, and the random draws of parts) uses its rank seed;
     # data, augmentation and pools use the run seed.
     rseed = ddp.rank_seed(tc.seed, ctx.rank)
-    rcfg = cfg if rseed == tc.seed else replace(cfg, train=replace(tc, seed=rseed))
+    run = TrainSetup(cfg, cfg if rseed == tc.seed else replace(cfg, train=replace(tc, seed=rseed)), out,
+                     cache_dir(cfg, out), device, progress)
     with ddp.main_first(ctx):  # rank 0 fills the caches (preprocessing, pools, translator), then the others
-        if visits:
-            from menseg.ism.visits import PairSampler
-
-            train_cases, val_cases = _load_visits(cfg, out)
-            sampler: Any = PairSampler(train_cases, tc.patch_size, tc.fg_oversample)
-        else:
-            train_cases, val_cases = _load_data(cfg, out)
-            if not cfg.sim2real.enabled:  # else the Sim2Real sampler (below) also holds synthetic cases
-                sampler = PatchSampler([(c.image, c.label) for c in train_cases], tc.patch_size,
-                                       tc.fg_oversample)
-
+        data = next((d for p in parts if (d := p.load_data(run)) is not None), None)
+        run.train_cases, run.val_cases = data if data is not None else _load_data(cfg, run.cache, parts)
+        train_cases, val_cases = run.train_cases, run.val_cases
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(tc.seed, "init"))
-            model = build_model(cfg)
+            nets = [n for p in parts if (n := p.network()) is not None]
+            model = nets[0] if nets else build_network(cfg.model, patch_size=tc.patch_size)
         model.to(device)
-        s2r: Any = None
-        if cfg.sim2real.enabled:
-            from menseg.train.sim2real import UNKNOWN as UNKNOWN_LABEL
-            from menseg.train.sim2real import build
-
-            s2r = build(cfg, model, train_cases, _cache_dir(cfg, out), device, progress)
-            sampler = s2r.sampler
-            if s2r.align is not None:
-                s2r.align.cfg = rcfg
-        ism_step: Any = None
-        if visits:
-            from menseg.train.ism import VisitStep
-
-            ism_step = VisitStep(rcfg, model)  # type: ignore[arg-type]
-        elif isinstance(model, ISMNet) and (cfg.ism.spatial.enabled or cfg.ism.modal.enabled):
-            from menseg.train.ism import ISMStep, synthetic_pool
-
-            syn = None
-            if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
-                syn = synthetic_pool(cfg, out, _cache_dir(cfg, out))
-            ism_step = ISMStep(rcfg, model, sampler, syn)
-    aligner = s2r.align.aligner if s2r is not None and s2r.align is not None else None
+        run.model = model
+        for p in parts:
+            p.setup(run)
+    extra = {k: m for p in parts for k, m in p.modules().items()}  # trained beside the network
     if ctx.enabled:
         model = ddp.sync_batch_norm(model, device)
-        if ism_step is not None:
-            ism_step.model = model
-        if s2r is not None and s2r.align is not None:
-            s2r.align.model = model
+    for p in parts:
+        p.bind(model)
     prepare_network(model, cfg)
-    params = list(model.parameters()) + (list(aligner.parameters()) if aligner is not None else [])
+    params = list(model.parameters()) + [q for m in extra.values() for q in m.parameters()]
     opt = torch.optim.SGD(
         params, lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
     )
     amp_dtype, scaler = amp_setup(cfg, device)
     loss_fn = RegionDiceBCELoss(across_ranks=ctx.enabled)
+    counts = frozenset().union(*(p.count_stats for p in parts))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters on %s%s%s", getattr(model, "describe", lambda: cfg.model.name)(),
              n_params / 1e6, device,
@@ -547,8 +359,8 @@ def _train(
     if state is not None:
         try:
             model.load_state_dict(state["model"])
-            if aligner is not None:
-                aligner.load_state_dict(state["aligner"])
+            for key, m in extra.items():
+                m.load_state_dict(state[key])
             opt.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise MensegError(f"checkpoint does not fit this run ({e})", latest) from None
@@ -568,7 +380,7 @@ def _train(
     def make_state(step: int) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
-            "aligner": aligner.state_dict() if aligner is not None else None,
+            **{key: m.state_dict() for key, m in extra.items()},
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": to_dict(cfg),
@@ -581,33 +393,33 @@ def _train(
         }
 
     part = ddp.shard(tc.batch_size, ctx)
-    ds = (PairBatches if visits else MixedBatches if s2r is not None else StepBatches)(
-        sampler, tc.batch_size, tc.seed, part)
+    ds = (run.batches or StepBatches)(run.sampler, tc.batch_size, tc.seed, part)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    batches = _iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
+    batches = iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
     from tqdm.auto import tqdm
 
     def compute(step: int, img: torch.Tensor, lab: torch.Tensor, meta: torch.Tensor) -> tuple[Any, ...]:
-        """The step's ``(outputs, target, alignment loss or None, stats)``."""
+        """The step's ``(outputs, target, the parts' extra loss or None, stats)``."""
         stats: dict[str, float] = {}
-        if ism_step is not None:
-            outputs, target, ism_stats = ism_step.forward(
-                step, img, lab, meta.to(device) if visits else meta.tolist())
-            stats.update(ism_stats)
-        else:
+        out = next((o for p in parts if (o := p.forward(step, img, lab, meta)) is not None), None)
+        if out is None:
             outputs, target = model(img), lab
-        align_loss = None
-        if s2r is not None and s2r.align is not None:
-            align_loss, align_stats = s2r.align.loss(step, device)
-            stats.update(align_stats)
-        return outputs, target, align_loss, stats
+        else:
+            outputs, target, part_stats = out
+            stats.update(part_stats)
+        extra_loss = None
+        for p in parts:
+            term = p.extra_loss(step, device)
+            if term is not None:
+                extra_loss = term[0] if extra_loss is None else extra_loss + term[0]
+                stats.update(term[1])
+        return outputs, target, extra_loss, stats
 
     forward: Callable[..., tuple[Any, ...]] = compute
     if ctx.enabled:  # the whole step's forward runs inside DDP, so every parameter it uses is reduced
-        plain = not isinstance(model, ISMNet) and aligner is None
         forward = nn.parallel.DistributedDataParallel(
-            _StepModule(compute, model, aligner),
-            device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=not plain)
+            StepModule(compute, model, extra), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=any(p.unused_parameters for p in parts))
 
     bar = tqdm(total=tc.steps, initial=start, desc="training", unit="step", disable=not progress,
                leave=on_step is None)
@@ -623,11 +435,10 @@ def _train(
             if tc.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last_3d)
             known = None
-            if s2r is not None:
-                unknown = lab == UNKNOWN_LABEL
-                # under DDP every rank takes the masked path, so all run the same collectives
-                if ctx.enabled or bool(unknown.any()):
-                    known, lab = ~unknown, lab.masked_fill(unknown, 0)
+            for p in parts:  # under DDP every rank takes the masked path, so all run the same collectives
+                lab, mask = p.label_mask(lab, ctx.enabled)
+                if mask is not None:
+                    known = mask if known is None else known & mask
             lr = poly_lr(tc.lr, step, tc.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -635,16 +446,14 @@ def _train(
             autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                         else contextlib.nullcontext())
             stats: dict[str, float] = {}
-            if s2r is not None:
-                srcs = [s2r.sampler.source_of(int(c)) for c in meta.tolist()]
-                stats.update({f"s2r_{n}": float(srcs.count(k)) for k, n in enumerate(("real", "synthetic",
-                                                                                       "injected"))})
+            for p in parts:
+                stats.update(p.batch_stats(meta))
             with autocast:
-                outputs, target, align_loss, step_stats = forward(step, img, lab, meta)
+                outputs, target, extra_loss, step_stats = forward(step, img, lab, meta)
             stats.update(step_stats)
             loss = loss_fn(outputs, target, known)
-            if align_loss is not None:
-                loss = loss + align_loss
+            if extra_loss is not None:
+                loss = loss + extra_loss
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -657,7 +466,7 @@ def _train(
                 opt.step()
             done = step + 1
             if ctx.enabled:
-                loss_v, stats = _reduce_stats(loss, stats, ctx.world, device)
+                loss_v, stats = _reduce_stats(loss, stats, ctx.world, device, counts)
             else:
                 loss_v = float(loss.detach())
             if not math.isfinite(loss_v):
@@ -693,5 +502,5 @@ def _train(
     return out
 
 
-__all__ = ["MixedBatches", "PairBatches", "StepBatches", "amp_setup", "poly_lr", "prepare_network",
+__all__ = ["StepBatches", "amp_setup", "poly_lr", "prepare_network",
            "split_cases", "train", "validate"]
