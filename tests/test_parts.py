@@ -37,22 +37,13 @@ def test_configs_build_their_parts_in_the_fixed_order(name: str, want: list[str]
 
 
 class _Fake(Part):
+    sample_hint = "how to avoid it"
+
     def __init__(self, name: str, kind: str | None = None, runs_on: frozenset[str] = frozenset({"cases"}),
                  owns: bool = False) -> None:
         super().__init__(Config())
-        self.name, self.kind, self.runs_on, self.owns = name, kind, runs_on, owns  # type: ignore[misc]
-
-    @property
-    def sample_kind(self) -> str | None:
-        return self.kind
-
-    @property
-    def sample_hint(self) -> str:
-        return "how to avoid it"
-
-    @property
-    def owns_forward(self) -> bool:
-        return self.owns
+        self.name, self.runs_on = name, runs_on  # type: ignore[misc]
+        self.sample_kind, self.owns_forward = kind, owns
 
 
 def test_parts_that_cannot_run_together_are_refused_in_one_line() -> None:

@@ -306,32 +306,20 @@ class ISMPart(Part):
     name = "ism"
     count_stats = frozenset({"ism_mixed", "ism_dropped", "ism_with_prior", "ism_temporal_mixed"})
     runs_on = frozenset({"cases", "visit pairs"})
+    sample_hint = ("a longitudinal data.root with ism.temporal; use a BraTS / nnU-Net layout or switch one "
+                   "of them off")
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.visits = bool(cfg.ism.temporal.enabled and cfg.data.root and is_longitudinal(cfg.data.root))
         self.step: ISMStep | VisitStep | None = None
+        self.sample_kind = "visit pairs" if self.visits else None
+        self.owns_forward = self.visits or cfg.ism.spatial.enabled or cfg.ism.modal.enabled
+        self.unused_parameters = True  # the mixer runs on random steps, the temporal map only with a prior
 
     @classmethod
     def enabled(cls, cfg: Config) -> bool:
         return cfg.ism.any
-
-    @property
-    def sample_kind(self) -> str | None:
-        return "visit pairs" if self.visits else None
-
-    @property
-    def sample_hint(self) -> str:
-        return ("a longitudinal data.root with ism.temporal; use a BraTS / nnU-Net layout or switch one of "
-                "them off")
-
-    @property
-    def owns_forward(self) -> bool:
-        return self.visits or self.cfg.ism.spatial.enabled or self.cfg.ism.modal.enabled
-
-    @property
-    def unused_parameters(self) -> bool:
-        return True  # the mixer runs on random steps, the temporal map only with a prior
 
     def load_data(self, run: TrainSetup) -> tuple[list[Any], list[Any]] | None:
         if not self.visits:

@@ -5,25 +5,21 @@ only this protocol: it builds the parts the config switches on, in the fixed ord
 and calls each hook of every part in that order. A hook left at its default does nothing, so a part
 implements only what it changes:
 
-==================  =========================================================================
-hook                what the part adds
-==================  =========================================================================
-``sample_kind``     the kind of samples its data yields (e.g. ``"visit pairs"``), or None
-``runs_on``         the kinds of samples it can train on (checked once, in :func:`build_parts`)
-``trains_without_labels`` / ``uses_unlabelled``   what it needs of ``data.root`` / ``unlabeled_root``
-``load_data``       the training / validation samples, when they are not the labelled cases
-``network``         the network, when it is not the plain one (built under the run's init seed)
-``setup``           pools, samplers (``run.sampler``, ``run.batches``) and modules, before training
-``modules``         extra trained modules: their parameters join the optimiser, their state the
-                    checkpoint (under the dict's key)
-``bind``            the network as trained (after DDP's SyncBatchNorm conversion)
-``label_mask``      labels whose class is unknown, left out of the loss
-``batch_stats``     statistics of the step's batch (before the forward)
-``forward``         the step's forward: ``(outputs, targets, stats)``; at most one part owns it
-``extra_loss``      a loss term added to the segmentation loss, with its statistics
-``count_stats``     the statistics that count samples (summed over DDP ranks, others averaged)
-``unused_parameters``  whether DDP must look for parameters a step did not use
-==================  =========================================================================
+- attributes: ``name``; ``count_stats`` (statistics that count samples: summed over DDP ranks, the
+  others averaged); ``runs_on`` (kinds of training samples it can run on) and ``sample_kind`` (the kind
+  its data yields, or None; checked once, in :func:`check_parts`); ``trains_without_labels`` /
+  ``uses_unlabelled`` (what it needs of ``data.root`` / ``data.unlabeled_root``); ``owns_forward``;
+  ``unused_parameters`` (whether DDP must look for parameters a step did not use);
+- ``load_data``: the training / validation samples, when they are not the labelled cases;
+- ``network``: the network, when it is not the plain one (built under the run's init seed);
+- ``setup``: pools, samplers (``run.sampler``, ``run.batches``) and modules, before training;
+- ``modules``: extra trained modules (their parameters join the optimiser, their state the checkpoint
+  under the dict's key);
+- ``bind``: the network as trained (after DDP's SyncBatchNorm conversion);
+- ``label_mask``: labels whose class is unknown, left out of the loss;
+- ``batch_stats``: statistics of the step's batch (before the forward);
+- ``forward``: the step's forward, ``(outputs, targets, stats)``; at most one part owns it;
+- ``extra_loss``: a loss term added to the segmentation loss, with its statistics.
 
 Adding an idea: subclass :class:`Part`, give it a ``name`` and ``enabled(cfg)``, implement its hooks,
 decorate it with :func:`register` and list its module in :data:`ORDER` (see docs/DESIGN.md).
@@ -107,9 +103,21 @@ class Part:
     count_stats: ClassVar[frozenset[str]] = frozenset()
     #: the kinds of training samples this part can run on
     runs_on: ClassVar[frozenset[str]] = frozenset({"cases"})
+    #: whether the run may have no labelled case (``data.root`` unset)
+    trains_without_labels: ClassVar[bool] = False
+    #: whether the part reads ``data.unlabeled_root``
+    uses_unlabelled: ClassVar[bool] = False
+    #: how to avoid this part's sample kind (for the error of a part that cannot run on it)
+    sample_hint: ClassVar[str] = ""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        #: the kind of samples :meth:`load_data` yields, when they are not labelled cases
+        self.sample_kind: str | None = None
+        #: whether :meth:`forward` replaces the network's plain forward
+        self.owns_forward = False
+        #: whether a step may leave some trained parameters unused (DDP must then look for them)
+        self.unused_parameters = False
 
     @classmethod
     def enabled(cls, cfg: Config) -> bool:
@@ -117,36 +125,6 @@ class Part:
         raise NotImplementedError
 
     # ------------------------------------------------------------ what the run is made of
-
-    @property
-    def sample_kind(self) -> str | None:
-        """The kind of samples :meth:`load_data` yields, when they are not labelled cases."""
-        return None
-
-    @property
-    def sample_hint(self) -> str:
-        """How to avoid this part's sample kind (for the error of a part that cannot run on it)."""
-        return ""
-
-    @property
-    def trains_without_labels(self) -> bool:
-        """Whether the run may have no labelled case (``data.root`` unset)."""
-        return False
-
-    @property
-    def uses_unlabelled(self) -> bool:
-        """Whether the part reads ``data.unlabeled_root``."""
-        return False
-
-    @property
-    def owns_forward(self) -> bool:
-        """Whether :meth:`forward` replaces the network's plain forward."""
-        return False
-
-    @property
-    def unused_parameters(self) -> bool:
-        """Whether a step may leave some trained parameters unused (DDP must then look for them)."""
-        return False
 
     def load_data(self, run: TrainSetup) -> tuple[list[Any], list[Any]] | None:
         """``(training, validation)`` samples (and ``run.sampler`` / ``run.batches``), or None."""

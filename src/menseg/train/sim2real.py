@@ -396,25 +396,17 @@ class Sim2RealPart(Part):
     name = "sim2real"
     count_stats = frozenset({f"s2r_{s}" for s in SOURCES})
 
+    trains_without_labels = True
+    uses_unlabelled = True
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.parts: Sim2RealParts | None = None
+        self.unused_parameters = cfg.sim2real.align.method != "none"  # the domain classifier's own steps
 
     @classmethod
     def enabled(cls, cfg: Config) -> bool:
         return cfg.sim2real.enabled
-
-    @property
-    def trains_without_labels(self) -> bool:
-        return True
-
-    @property
-    def uses_unlabelled(self) -> bool:
-        return True
-
-    @property
-    def unused_parameters(self) -> bool:
-        return self.cfg.sim2real.align.method != "none"
 
     def setup(self, run: TrainSetup) -> None:
         self.parts = build(self.cfg, run.model, run.train_cases, run.cache, run.device,  # type: ignore[arg-type]
