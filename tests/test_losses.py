@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from menseg.regions import labels_to_regions
 from menseg.train.losses import (
     RegionDiceBCELoss,
     deep_supervision_weights,
-    labels_to_regions,
     soft_dice_loss,
 )
 
@@ -20,17 +20,6 @@ def _label() -> torch.Tensor:
     lab[0, 2, 2, 2] = 1
     lab[1, 4:8, 4:8, 0:3] = 1
     return lab
-
-
-def test_labels_to_regions_nested() -> None:
-    r = labels_to_regions(_label())
-    assert r.shape == (2, 3, 8, 8, 8)
-    et, tc, wt = r[:, 0], r[:, 1], r[:, 2]
-    assert (et <= tc).all() and (tc <= wt).all()
-    lab = _label()
-    assert torch.equal(et.bool(), lab == 3)
-    assert torch.equal(tc.bool(), (lab == 1) | (lab == 3))
-    assert torch.equal(wt.bool(), lab > 0)
 
 
 def test_perfect_logits_near_zero_and_wrong_high() -> None:

@@ -177,7 +177,7 @@ def mix_targets(ya: Tensor, yb: Tensor, lam_full: Tensor) -> Tensor:
     """Soft targets ``lambda ya + (1 - lambda) yb`` at full resolution.
 
     ``ya``, ``yb``: region targets ``(B, C, X, Y, Z)`` in [0, 1] (e.g.
-    ``menseg.train.losses.labels_to_regions`` of the labels); ``lam_full``: ``(B, 1, X, Y, Z)``, the
+    ``menseg.regions.labels_to_regions`` of the labels); ``lam_full``: ``(B, 1, X, Y, Z)``, the
     field on the label grid (``FieldBatch.on_grid(shape)``). With a binary field this is exactly
     cut-and-paste of the labels.
     """

@@ -87,11 +87,12 @@ from torch import Tensor, nn
 
 from menseg.checkpoint import load_checkpoint, save_checkpoint
 from menseg.config import ModelConfig, TranslatorConfig, flat_config, from_dict, to_dict
-from menseg.constants import MODALITIES, REGION_NAMES, REGIONS, SEG_SUFFIX
+from menseg.constants import MODALITIES, REGION_NAMES, SEG_SUFFIX
 from menseg.data.sampling import choose_start, crop_pad, foreground_coords
 from menseg.device import resolve_device
 from menseg.errors import MensegError
 from menseg.evaluate.metrics import dice
+from menseg.regions import labels_to_regions
 from menseg.utils import atomic_path, derive_seed, truncate_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -209,13 +210,6 @@ def build_segmenter() -> nn.Module:
     from menseg.nets import build_network
 
     return build_network(ModelConfig(filters=SEGMENTER_FILTERS, deep_supervision=False), 4, len(REGION_NAMES))
-
-
-def regions_of(label: Tensor) -> Tensor:
-    """Integer labels ``(B, X, Y, Z)`` -> float region targets ``(B, 3, X, Y, Z)`` (ET, TC, WT)."""
-    label = label.long()
-    return torch.stack([torch.isin(label, torch.tensor(REGIONS[n], device=label.device))
-                        for n in REGION_NAMES], dim=1).float()
 
 
 class _SegLoss(nn.Module):
@@ -540,7 +534,7 @@ def fit_translator(
             s_np, l_np, r_np = batches(step)
             s = torch.from_numpy(s_np).to(dev)
             r = torch.from_numpy(r_np).to(dev)
-            target = regions_of(torch.from_numpy(l_np).to(dev))
+            target = labels_to_regions(torch.from_numpy(l_np).to(dev))
             semantic = step >= cfg.semantic_warmup and cfg.semantic_weight > 0
 
             # generators (discriminators and segmenter frozen for this term)
@@ -777,7 +771,6 @@ __all__ = [
     "n_lesion_patches",
     "load_segmenter",
     "load_translator",
-    "regions_of",
     "translate_dataset",
     "translate_image",
     "translator_config",

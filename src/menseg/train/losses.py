@@ -12,19 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from menseg.constants import REGION_NAMES, REGIONS
+from menseg.constants import REGION_NAMES
+from menseg.regions import labels_to_regions  # re-exported: train.ism imports it from here
 
 Tensor = torch.Tensor
-
-
-def labels_to_regions(label: Tensor) -> Tensor:
-    """Integer labels ``(B, X, Y, Z)`` -> float region targets ``(B, 3, X, Y, Z)`` (ET, TC, WT)."""
-    label = label.long()
-    chans = [torch.zeros_like(label, dtype=torch.bool) for _ in REGION_NAMES]
-    for i, name in enumerate(REGION_NAMES):
-        for v in REGIONS[name]:
-            chans[i] |= label == v
-    return torch.stack(chans, dim=1).float()
 
 
 def soft_dice_loss(
