@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
+from menseg.filters import gaussian_blur
 from menseg.synth import tissues as T
 
 log = logging.getLogger(__name__)
@@ -384,37 +385,6 @@ def sample_random_intensity_params(gen: torch.Generator, n_classes: int,
 # ----------------------------------------------------------------- rendering helpers
 
 
-def _blur3(x: Tensor, a: Tensor, dim: int) -> Tensor:
-    """One 3-tap pass ``[a, 1-2a, a]`` along ``dim`` of ``x`` (C, X, Y, Z), per-channel ``a``
-    (shape (C,1,1,1)); zero padding. Variance added: 2a voxels^2."""
-    n = x.shape[dim]
-    if n < 2:
-        return x
-    y = x * (1.0 - 2.0 * a)
-    y.narrow(dim, 1, n - 1).addcmul_(x.narrow(dim, 0, n - 1), a)
-    y.narrow(dim, 0, n - 1).addcmul_(x.narrow(dim, 1, n - 1), a)
-    return y
-
-
-def gaussian_blur(x: Tensor, sigma_vox: Tensor) -> Tensor:
-    """Separable Gaussian-like blur of ``x`` (C, X, Y, Z) with per-channel, per-axis sigma.
-
-    ``sigma_vox`` is (C, 3) in voxels. Each axis is a cascade of 3-tap binomial passes
-    whose variances add up to sigma^2 exactly (one pass covers sigma <= 0.82 voxel, the
-    usual case). Axes whose largest sigma is below 0.1 voxel are skipped.
-    """
-    for d in range(3):
-        s2 = sigma_vox[:, d].to(torch.float64) ** 2
-        smax = float(s2.max())
-        if smax < 0.01:
-            continue
-        passes = max(1, math.ceil(smax / (2.0 / 3.0)))
-        a = (s2 / (2.0 * passes)).to(x.dtype).to(x.device).view(-1, 1, 1, 1)
-        for _ in range(passes):
-            x = _blur3(x, a, d + 1)
-    return x
-
-
 def thick_slices(x: Tensor, axis: int, thickness_vox: float) -> Tensor:
     """Simulate a thick-slice acquisition of ``x`` (X, Y, Z): average slabs of
     ``thickness_vox`` voxels along ``axis`` (area resampling) and interpolate back linearly."""
@@ -483,7 +453,7 @@ def render(tissue: Tensor, params: AppearanceParams, spacing: Sequence[float] = 
 
     # 2. partial volume + PSF blur
     sig = torch.tensor([[s / sp[d] for d in range(3)] for s in params.blur_sigma_mm], dtype=torch.float64)
-    img = gaussian_blur(img, sig)
+    img = gaussian_blur(img, sig, "binomial")
 
     # 3. thick slices per sequence
     for c in range(nc):

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from menseg.filters import binomial_pass
 from menseg.synth.tissues import (
     BACKGROUND,
     CALCIFICATION,
@@ -742,14 +743,10 @@ def _box_dilate(mask: torch.Tensor, half: list[int]) -> torch.Tensor:
 
 def _blur3(x: torch.Tensor) -> torch.Tensor:
     """Separable [1/4, 1/2, 1/4] blur of (C, X, Y, Z) (partial-volume edges), zero padded."""
-    y = x
     for d in range(1, 4):
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (3 - d)] = pad[2 * (3 - d) + 1] = 1
-        z = F.pad(y, pad)
-        n = y.shape[d]
-        y = 0.25 * z.narrow(d, 0, n) + 0.5 * z.narrow(d, 1, n) + 0.25 * z.narrow(d, 2, n)
-    return y
+        # binomial_pass leaves a 1-voxel axis as it is; zero padding (this blur's rule) halves it
+        x = binomial_pass(x, 0.25, d) if x.shape[d] > 1 else 0.5 * x
+    return x
 
 
 def inject_into_image(

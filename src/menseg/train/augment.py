@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from menseg.config import AugConfig
+from menseg.filters import gaussian_blur
 from menseg.geometry import rotation_matrix
 
 Tensor = torch.Tensor
@@ -296,31 +297,6 @@ class GaussianNoise:
         return image + (noise * params.std).to(image.dtype), label
 
 
-def _gaussian_kernel1d(sigma: float, device: torch.device) -> Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
-    """Separable Gaussian blur of ``(C, X, Y, Z)`` with one sigma (voxels) per channel; replicate border."""
-    out = []
-    for c, s in enumerate(sigmas):
-        v = image[c : c + 1].unsqueeze(0).float()  # (1, 1, X, Y, Z)
-        if s > 0:
-            k = _gaussian_kernel1d(s, image.device)
-            r = (len(k) - 1) // 2
-            for ax in range(3):
-                shape = [1, 1, 1, 1, 1]
-                shape[2 + ax] = len(k)
-                pad = [0, 0, 0, 0, 0, 0]
-                pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
-                v = F.conv3d(F.pad(v, pad, mode="replicate"), k.reshape(shape))
-        out.append(v[0, 0])
-    return torch.stack(out).to(image.dtype)
-
-
 @dataclass(frozen=True)
 class BlurParams:
     active: bool
@@ -338,7 +314,7 @@ class Blur:
     def apply(self, image: Tensor, label: Tensor | None, params: BlurParams) -> tuple[Tensor, Tensor | None]:
         if not params.active:
             return image, label
-        return gaussian_blur(image, params.sigmas), label
+        return gaussian_blur(image, params.sigmas, "sampled"), label
 
 
 @dataclass(frozen=True)
@@ -492,7 +468,6 @@ __all__ = [
     "apply_augment",
     "apply_spatial",
     "augment_batch",
-    "gaussian_blur",
     "register",
     "sample_augment",
 ]
