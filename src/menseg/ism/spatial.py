@@ -35,6 +35,7 @@ from torch import nn
 
 from menseg.config import ISM_SOURCES as SOURCES
 from menseg.config import SpatialMixConfig
+from menseg.draws import draw_seed, uniforms
 from menseg.errors import MensegError
 from menseg.ism.fields import MixField, field_on_grid, sample_field
 from menseg.nets.unet import decode, encode, encode_from, level_strides
@@ -128,8 +129,8 @@ def sample_field_batch(
     fields: list[MixField | None] = []
     srcs: list[str | None] = []
     for b in range(batch_size):
-        seed = int(torch.randint(0, 2**62, (), generator=rng))
-        coin, pick = torch.rand(2, generator=rng, dtype=torch.float64).tolist()
+        seed = draw_seed(rng)
+        coin, pick = uniforms(rng, 2)
         if not (cfg.enabled and sources and coin < cfg.p):
             fields.append(None)
             srcs.append(None)

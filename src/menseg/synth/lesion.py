@@ -30,6 +30,7 @@ real scan and paints lesion intensities derived from the scan's own tissue stati
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from menseg.draws import draw_seed, log_uniform, uniform
 from menseg.filters import binomial_pass
 from menseg.synth.tissues import (
     BACKGROUND,
@@ -199,16 +201,9 @@ class AnatomyLike(Protocol):
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _u(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen))
-
-
-def _seed(gen: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (), generator=gen))
-
-
-def _loguniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return math.exp(_u(gen, math.log(lo), math.log(hi)))
+#: The lesion stage draws float32 uniforms (its recorded parameters, and so every synthetic lesion, come
+#: from them).
+_u = functools.partial(uniform, dtype=torch.float32)
 
 
 def _dilate6(m: torch.Tensor) -> torch.Tensor:
@@ -348,15 +343,15 @@ def _sample_one(gen: torch.Generator, cfg: LesionConfig, anatomy: AnatomyLike, s
         core_frac *= 0.5  # calcified parts are usually smaller clumps (unverified)
     core_off = tuple(float(v) for v in (torch.randn(3, generator=gen) * 0.25).tolist())
     oed = bool(torch.rand((), generator=gen) < oedema_probability(vol, cfg))
-    oed_ext = _loguniform(gen, *cfg.oedema_extent_mm)
+    oed_ext = log_uniform(gen, *cfg.oedema_extent_mm, dtype=torch.float32)
     return Lesion(
         site=site, seed_voxel=seed, normal=tuple(float(v) for v in n.tolist()),  # type: ignore[arg-type]
         tangent=tuple(float(v) for v in t.tolist()), shape=shape, volume_cm3=vol,  # type: ignore[arg-type]
         axis_ratio=ratio, centre_offset=offset, noise_amp=amp, noise_cells=cells,  # type: ignore[arg-type]
-        noise_seed=_seed(gen), mass_effect=_u(gen, *cfg.mass_effect), tail=tail, tail_length_mm=tail_len,
+        noise_seed=draw_seed(gen), mass_effect=_u(gen, *cfg.mass_effect), tail=tail, tail_length_mm=tail_len,
         tail_thickness_mm=tail_th, tail_angle=tail_angle, core=core, core_fraction=core_frac,
-        core_offset=core_off, core_seed=_seed(gen), oedema=oed, oedema_extent_mm=oed_ext,  # type: ignore[arg-type]
-        oedema_seed=_seed(gen),
+        core_offset=core_off, core_seed=draw_seed(gen), oedema=oed, oedema_extent_mm=oed_ext,  # type: ignore[arg-type]
+        oedema_seed=draw_seed(gen),
     )
 
 
@@ -711,7 +706,7 @@ def sample_injection_params(gen: torch.Generator, cfg: LesionConfig, tissue: tor
         (_u(gen, 0.95, 1.25), _u(gen, 0.3, 0.7)),  # t2f: tumour iso/mildly hyper vs GM; oedema +span
         (_u(gen, 0.9, 1.3), _u(gen, 0.4, 0.8)),  # t2w: tumour iso (~50%)/hyper (35-40%); oedema->CSF
     )
-    return InjectionParams(lesion=lp, contrast=contrast, texture_seed=_seed(gen))
+    return InjectionParams(lesion=lp, contrast=contrast, texture_seed=draw_seed(gen))
 
 
 def _lesion_intensities(st: _ScanStats, ip: InjectionParams) -> dict[int, torch.Tensor]:
