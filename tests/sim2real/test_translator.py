@@ -13,7 +13,8 @@ import torch
 from menseg.config import TranslatorConfig
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
-from menseg.sim2real.gap import domain_gap, gap_table, kmeans_1d, pseudo_tissues
+from menseg.kmeans import kmeans_1d
+from menseg.sim2real.gap import domain_gap, gap_table, pseudo_tissues
 from menseg.sim2real.translator import (
     Generator,
     fit_translator,

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from menseg.draws import draw_seed, log_uniform, uniform
 from menseg.filters import binomial_pass
+from menseg.kmeans import kmeans_1d
 from menseg.synth.tissues import (
     BACKGROUND,
     CALCIFICATION,
@@ -642,22 +643,13 @@ class _ScanStats:
     span: torch.Tensor  # (4,) robust intensity span (q99 - q01) in the brain
 
 
-def _kmeans3(x: torch.Tensor, iters: int = 12) -> torch.Tensor:
-    """1-D 3-means on a sample ``x``; returns the sorted centres (3,)."""
-    c = torch.quantile(x, torch.tensor([0.1, 0.5, 0.9], dtype=x.dtype))
-    for _ in range(iters):
-        a = (x[:, None] - c[None]).abs().argmin(1)
-        c = torch.stack([x[a == k].mean() if bool((a == k).any()) else c[k] for k in range(3)])
-    return c.sort().values
-
-
 def _pseudo_tissue(image: torch.Tensor, label: torch.Tensor | None) -> tuple[torch.Tensor, _ScanStats]:
     """Tissue map estimated from a skull-stripped scan: 3-means on t1n (CSF < GM < WM), dura = mask rim."""
     brain = (image != 0).any(0)
     t1n = image[1]
     vals = t1n[brain]
     step = max(1, vals.numel() // 200_000)
-    c = _kmeans3(vals[::step].float())
+    c = kmeans_1d(vals[::step].float(), 3, 12, quantiles=(0.1, 0.5, 0.9), until_settled=False)
     b1, b2 = (c[0] + c[1]) / 2, (c[1] + c[2]) / 2
     tissue = torch.full(t1n.shape, BACKGROUND, dtype=torch.int64, device=image.device)
     tissue[brain & (t1n < b1)] = CSF
