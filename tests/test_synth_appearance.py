@@ -148,5 +148,5 @@ def test_config_from_dict_roundtrip() -> None:
     cfg = A.AppearanceConfig(noise_sigma=(0.0, 0.1))
     back = A.AppearanceConfig.from_dict(json.loads(json.dumps(asdict(cfg))))
     assert back == cfg
-    with pytest.raises(MensegError, match="unknown keys"):
+    with pytest.raises(MensegError, match="unknown key"):
         A.AppearanceConfig.from_dict({"nosie": [0, 1]})

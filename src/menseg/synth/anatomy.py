@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from menseg.draws import draw_seed, uniforms
+from menseg.synth.serial import from_dict
 from menseg.synth.tissues import BACKGROUND, CSF, DURA, GM, VENTRICLE, WM
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class AnatomyParams:
     @staticmethod
     def from_dict(d: dict) -> AnatomyParams:
         """Inverse of ``dataclasses.asdict`` (lists from JSON become tuples)."""
-        return AnatomyParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return from_dict(AnatomyParams, d)
 
 
 def identity_params() -> AnatomyParams:

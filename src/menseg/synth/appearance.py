@@ -51,6 +51,7 @@ from menseg.draws import draw_seed, log_uniforms, uniforms
 from menseg.errors import MensegError
 from menseg.filters import gaussian_blur
 from menseg.synth import tissues as T
+from menseg.synth.serial import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,7 @@ class AppearanceConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AppearanceConfig:
         """Build from a plain dict (e.g. YAML; lists become tuples); unknown keys are errors."""
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise MensegError(f"appearance config: unknown keys {bad}")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        if "intensity_rules" in kw:
-            kw["intensity_rules"] = {s: dict(r) for s, r in kw["intensity_rules"].items()}
-        return cls(**kw)
+        return from_dict(cls, dict(d))
 
 
 @dataclass(frozen=True)
@@ -236,11 +230,7 @@ class AppearanceParams:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AppearanceParams:
         """Inverse of :meth:`to_dict` (accepts lists from JSON)."""
-
-        def tup(v: Any) -> Any:
-            return tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-        return cls(**{k: tup(v) for k, v in d.items()})
+        return from_dict(cls, dict(d))
 
 
 # ----------------------------------------------------------------- sampling
