@@ -1,5 +1,9 @@
 """Fitting the sim->real translator (the method: :mod:`menseg.sim2real.translator`): its losses, the
 per-step patch batches, the training loop over a resumable fit folder, and fitting from dataset folders.
+
+The fit folder is kept as the trainer keeps a run folder: one writer at a time
+(:func:`menseg.utils.folder_lock`, file ``.lock``), each ``latest.pt`` replacing the one before, which is
+kept as ``latest.prev.pt``, and a resume that falls back to it (warning) when ``latest.pt`` is damaged.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as fnn
 from torch import Tensor, nn
 
-from menseg.checkpoint import load_checkpoint, save_checkpoint
+from menseg.checkpoint import load_checkpoint, load_latest, previous_path, save_checkpoint
 from menseg.config import TranslatorConfig, flat_config, to_dict
 from menseg.data.sampling import choose_start, crop_pad, foreground_coords
 from menseg.device import resolve_device
@@ -43,7 +47,14 @@ from menseg.sim2real.translator_nets import (
     check_image,
     head_mask,
 )
-from menseg.utils import derive_seed, truncate_jsonl, write_json_atomic
+from menseg.utils import (
+    LOCK_NAME,
+    derive_seed,
+    folder_lock,
+    remove_atomic_leftovers,
+    truncate_jsonl,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,8 @@ log = logging.getLogger(__name__)
 RECON_BETA = 1.0
 #: Config fields that do not change the fit (how the segmentation trainer uses the translator).
 NOT_FIT = ("enabled", "path")
+#: What :func:`menseg.utils.folder_lock` calls a fit folder in its error.
+LOCK_WHAT = "translator"
 
 
 # ---------------------------------------------------------------- losses
@@ -159,7 +172,36 @@ def _fit_config(cfg: TranslatorConfig, seed: int, spacing: Sequence[float] | Non
 
 
 def _out_is_empty(out: Path) -> bool:
-    return not out.exists() or (out.is_dir() and all(p.name == PREPROCESSED_DIR for p in out.iterdir()))
+    """Nothing in ``out`` but what may precede a fit: the preprocessed cases and the fit lock."""
+    return not out.exists() or (out.is_dir() and all(p.name in (PREPROCESSED_DIR, LOCK_NAME)
+                                                     for p in out.iterdir()))
+
+
+def _prepare(cfg: TranslatorConfig, seed: int, spacing: Sequence[float] | None) -> dict[str, Any]:
+    """The fit's stored settings, after checking what the networks need of them."""
+    if any(p % DIVISOR for p in cfg.patch_size):
+        raise MensegError(f"sim2real.translator.patch_size must be divisible by {DIVISOR}, "
+                          f"got {list(cfg.patch_size)}")
+    return _fit_config(cfg, seed, spacing)
+
+
+def _finished(out: Path, fit_cfg: dict[str, Any], resume: bool) -> Path | None:
+    """``out/translator.pt`` when it is a finished fit of these settings (None: fit); refuses a folder that
+    holds something else (settings that differ, files of another kind, resume without a checkpoint)."""
+    final, latest = out / TRANSLATOR_FILE, out / LATEST_FILE
+    if resume:
+        if latest.is_file() or previous_path(latest).is_file():
+            return None
+        if not final.is_file():
+            raise MensegError("nothing to resume: no latest.pt in the translator folder", out)
+    elif _out_is_empty(out):
+        return None
+    elif not final.is_file():
+        raise MensegError("translator folder is not empty; use resume to continue it or choose another "
+                          "folder", out)
+    _check_stored(load_checkpoint(final), fit_cfg, final)
+    log.info("translator already fitted: %s", final)
+    return final
 
 
 def fit_translator(
@@ -187,39 +229,55 @@ def fit_translator(
             that file is returned without fitting). A ``preprocessed`` sub-folder is allowed.
         seed: seeds the initialisation and every batch.
         device: ``auto``, ``cpu`` or ``cuda[:n]``.
-        resume: continue from ``out/latest.pt`` (refused if the settings differ).
+        resume: continue from ``out/latest.pt`` (refused if the settings differ); when that file is
+            damaged or unreadable, from the checkpoint before it, ``latest.prev.pt`` (with a warning).
         progress: show a progress bar.
         spacing: voxel size (mm) of the preprocessed arrays, recorded with the translator.
         stop_at: stop after this many completed steps without the final save, as if the
             process had been killed (tests, time-boxed runs); resume continues from ``latest.pt``.
+
+    One process fits in a folder at a time (:func:`menseg.utils.folder_lock` on ``out``): a second one
+    fails at once with a one-line error; the lock goes with its holder, even when it is killed.
     """
+    out = Path(out)
+    fit_cfg = _prepare(cfg, seed, spacing)
+    done = _finished(out, fit_cfg, resume)  # before the lock: nothing is written into a folder not ours
+    if done is not None:
+        return done
+    _check_inputs(synthetic, real)
+    with folder_lock(out, LOCK_WHAT):
+        return _fit_locked(synthetic, real, cfg, out, fit_cfg, seed=seed, device=device, resume=resume,
+                           progress=progress, stop_at=stop_at)
+
+
+def _fit_locked(
+    synthetic: Sequence[tuple[np.ndarray, np.ndarray]],
+    real: Sequence[np.ndarray],
+    cfg: TranslatorConfig,
+    out: Path,
+    fit_cfg: dict[str, Any],
+    *,
+    seed: int,
+    device: str,
+    resume: bool,
+    progress: bool,
+    stop_at: int | None,
+) -> Path:
+    """:func:`fit_translator`'s work once it holds the folder's lock (inputs checked)."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
     final, latest = out / TRANSLATOR_FILE, out / LATEST_FILE
     metrics_path = out / METRICS_FILE
-    fit_cfg = _fit_config(cfg, seed, spacing)
-    if any(p % DIVISOR for p in cfg.patch_size):
-        raise MensegError(f"sim2real.translator.patch_size must be divisible by {DIVISOR}, "
-                          f"got {list(cfg.patch_size)}")
+    done = _finished(out, fit_cfg, resume)  # again under the lock: another process may have finished it
+    if done is not None:
+        return done
     state: dict[str, Any] | None = None
     if resume:
-        if not latest.is_file():
-            if final.is_file():
-                _check_stored(load_checkpoint(final), fit_cfg, final)
-                log.info("translator already fitted: %s", final)
-                return final
-            raise MensegError("nothing to resume: no latest.pt in the translator folder", out)
-        state = load_checkpoint(latest)
-        _check_stored(state, fit_cfg, latest)
-    elif not _out_is_empty(out):
-        if final.is_file():
-            _check_stored(load_checkpoint(final), fit_cfg, final)
-            log.info("translator already fitted: %s", final)
-            return final
-        raise MensegError("translator folder is not empty; use resume to continue it or choose another "
-                          "folder", out)
-    _check_inputs(synthetic, real)
+        gone = remove_atomic_leftovers(out)  # temporary files of writes a kill interrupted
+        if gone:
+            log.info("removed %d unfinished temporary file(s) from %s", gone, out)
+        state, used = load_latest(latest)
+        _check_stored(state, fit_cfg, used)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, fit_cfg)
 
@@ -323,7 +381,7 @@ def fit_translator(
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(latest, make_state(done))
+                save_checkpoint(latest, make_state(done), keep_previous=True)
             if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
                 write_preview(out / PREVIEW_DIR / f"step_{done:06d}.png",
                               preview_rows(G, synthetic, real), title=f"translator step {done}")
@@ -374,6 +432,7 @@ def fit_translator_from_folders(
     from menseg.data.layouts import discover_cases
 
     out = Path(out)
+    fit_cfg = _prepare(cfg, seed, spacing)
     if not resume and not _out_is_empty(out) and not (out / TRANSLATOR_FILE).is_file():
         raise MensegError("translator folder is not empty; use resume to continue it or choose another "
                           "folder", out)
@@ -386,10 +445,16 @@ def fit_translator_from_folders(
     if clash:
         raise MensegError(f"case id '{clash[0]}' is in both the synthetic and the real dataset")
     cache = out / PREPROCESSED_DIR
-    syn = preprocess_dataset(syn_cases, cache / "synthetic", spacing, progress=progress)
-    rea = preprocess_dataset(real_cases, cache / "real", spacing, progress=progress)
-    return fit_translator([(c.image, c.label) for c in syn], [c.image for c in rea], cfg, out, seed=seed,
-                          device=device, resume=resume, progress=progress, spacing=spacing)
+    with folder_lock(out, LOCK_WHAT):  # the preprocessing writes into the folder too
+        syn = preprocess_dataset(syn_cases, cache / "synthetic", spacing, progress=progress)
+        rea = preprocess_dataset(real_cases, cache / "real", spacing, progress=progress)
+        pairs, images = [(c.image, c.label) for c in syn], [c.image for c in rea]
+        done = _finished(out, fit_cfg, resume)
+        if done is not None:
+            return done
+        _check_inputs(pairs, images)
+        return _fit_locked(pairs, images, cfg, out, fit_cfg, seed=seed, device=device, resume=resume,
+                           progress=progress, stop_at=None)
 
 
 __all__ = ["NOT_FIT", "RECON_BETA", "fit_translator", "fit_translator_from_folders", "n_lesion_patches"]
