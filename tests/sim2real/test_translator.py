@@ -66,12 +66,20 @@ def _data(seed: int = 0, n: int = 3):
     return syn, real
 
 
+#: torch's thread count when this module was imported; floating-point results depend on it (e.g. the
+#: weight-digest guard's), so no fixture here may leave it changed for the modules that run later.
+THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
     syn, real = _data()
     out = tmp_path_factory.mktemp("translator")
-    fit_translator(syn, real, _cfg(), out, seed=0, device="cpu", progress=False, spacing=(1.0, 1.0, 1.0))
+    torch.set_num_threads(1)  # tiny volumes: one thread is much faster on a busy shared machine
+    try:
+        fit_translator(syn, real, _cfg(), out, seed=0, device="cpu", progress=False, spacing=(1.0, 1.0, 1.0))
+    finally:
+        torch.set_num_threads(THREADS)
     return out
 
 
@@ -341,3 +349,7 @@ def test_damaged_latest_resumes_from_previous_with_a_warning(tmp_path, caplog):
             assert torch.equal(t, b[key][name]), (key, name)  # steps 3..6 redone from step 2: same weights
     steps = [json.loads(s)["step"] for s in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_fixtures_leave_the_thread_count_as_they_found_it(fitted):
+    assert torch.get_num_threads() == THREADS
