@@ -70,21 +70,15 @@ Fit folder::
 
 from __future__ import annotations
 
+# The translator lives in three modules: translator_nets (networks), translator_fit (fitting) and
+# translator_io (its folders); this one is its public face.
 from menseg.sim2real.translator_fit import (
     NOT_FIT,
-    RECON_BETA,
     fit_translator,
     fit_translator_from_folders,
     n_lesion_patches,
 )
 from menseg.sim2real.translator_io import (
-    CONFIG_FILE,
-    KIND,
-    LATEST_FILE,
-    METRICS_FILE,
-    PREPROCESSED_DIR,
-    PREVIEW_DIR,
-    TRANSLATOR_FILE,
     load_segmenter,
     load_translator,
     translate_dataset,
@@ -93,7 +87,6 @@ from menseg.sim2real.translator_io import (
 )
 from menseg.sim2real.translator_nets import (
     DIVISOR,
-    SEGMENTER_FILTERS,
     Generator,
     PatchDiscriminator,
     build_segmenter,
@@ -102,17 +95,8 @@ from menseg.sim2real.translator_nets import (
 )
 
 __all__ = [
-    "CONFIG_FILE",
     "DIVISOR",
-    "KIND",
-    "LATEST_FILE",
-    "METRICS_FILE",
     "NOT_FIT",
-    "PREPROCESSED_DIR",
-    "PREVIEW_DIR",
-    "RECON_BETA",
-    "SEGMENTER_FILTERS",
-    "TRANSLATOR_FILE",
     "Generator",
     "PatchDiscriminator",
     "build_segmenter",
