@@ -9,11 +9,7 @@ from torch import nn
 
 from menseg.config import InferConfig, ModelConfig
 from menseg.errors import MensegError
-from menseg.infer.postprocess import (
-    labels_to_regions,
-    regions_to_labels,
-    remove_small_components,
-)
+from menseg.infer.postprocess import remove_small_components
 from menseg.infer.sliding import MIRROR_AXES, predict_probs, resolve_device
 
 
@@ -134,33 +130,6 @@ def test_resolve_device() -> None:
 
 
 # --------------------------------------------------------------------------- postprocess
-
-
-def test_regions_to_labels_nested_painting() -> None:
-    # ET, TC, WT probabilities for five voxels along x.
-    et = [0.1, 0.1, 0.1, 0.9, 0.9]
-    tc = [0.1, 0.1, 0.9, 0.9, 0.1]
-    wt = [0.1, 0.9, 0.9, 0.9, 0.1]
-    probs = np.array([et, tc, wt], dtype=np.float32).reshape(3, 5, 1, 1)
-    label = regions_to_labels(probs, 0.5)
-    assert label.dtype == np.uint8
-    # background, oedema, NETC, ET, ET even where WT/TC are low (inner region wins)
-    assert label[:, 0, 0].tolist() == [0, 2, 1, 3, 3]
-    # exactly at the threshold is outside
-    assert regions_to_labels(np.full((3, 1, 1, 1), 0.5, np.float32), 0.5).item() == 0
-    # per-region thresholds (ET, TC, WT)
-    assert regions_to_labels(probs, (0.95, 0.5, 0.5))[:, 0, 0].tolist() == [0, 2, 1, 1, 0]
-    assert regions_to_labels(torch.from_numpy(probs), {"ET": 0.5, "TC": 0.5, "WT": 0.95}).max() == 3
-    with pytest.raises(ValueError):
-        regions_to_labels(np.zeros((2, 3, 3, 3)), 0.5)
-
-
-def test_labels_to_regions_roundtrip() -> None:
-    rng = np.random.default_rng(0)
-    label = rng.integers(0, 4, size=(6, 5, 4)).astype(np.uint8)
-    regions = labels_to_regions(label)
-    assert regions.shape == (3, 6, 5, 4)
-    np.testing.assert_array_equal(regions_to_labels(regions.astype(np.float32), 0.5), label)
 
 
 def test_remove_small_components_whole_lesions() -> None:

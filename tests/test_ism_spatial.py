@@ -21,7 +21,7 @@ from menseg.ism.spatial import (
 )
 from menseg.nets import build_network
 from menseg.nets.unet import encode, level_channels
-from menseg.train.losses import labels_to_regions
+from menseg.regions import labels_to_regions
 
 PATCH = (32, 32, 16)
 SPACING = (1.0, 1.0, 1.0)

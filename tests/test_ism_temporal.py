@@ -16,13 +16,13 @@ from menseg.ism.temporal import (
     encode_gap,
     interpolate_labels,
     interpolate_regions,
-    regions_to_labels,
     signed_distances,
     temporal_forward,
     temporal_mix,
     temporal_weight,
 )
 from menseg.nets import build_network
+from menseg.regions import regions_to_labels
 
 
 def feats(seed: int, shape=(2, 6, 5, 5, 4)) -> torch.Tensor:
@@ -228,7 +228,7 @@ def test_nesting_holds_without_the_guard():
         regions = interpolate_regions(d0, d1, s)
         assert torch.equal(regions.bool(), torch.stack([et, tc, wt]))
         lab = interpolate_labels(l0, l1, s)
-        assert torch.equal(regions_to_labels(regions), torch.from_numpy(lab))
+        assert torch.equal(regions_to_labels(regions, axis=-4), torch.from_numpy(lab))
         assert set(np.unique(lab).tolist()) == {0, 1, 2, 3}
 
 
@@ -247,7 +247,7 @@ def test_spatially_varying_fraction_and_batched_regions():
     wb = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1)
     reg = interpolate_regions(d0, d1, wb)
     assert reg.shape == (2, 3, *shape) and reg.dtype == torch.float32
-    assert torch.equal(regions_to_labels(reg[1]), torch.from_numpy(l1))
+    assert torch.equal(regions_to_labels(reg[1], axis=-4), torch.from_numpy(l1))
 
 
 def test_label_errors():

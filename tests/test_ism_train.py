@@ -19,7 +19,8 @@ from menseg.data.phantom import write_phantom_dataset
 from menseg.errors import MensegError
 from menseg.infer.predict import predict
 from menseg.ism.model import ISMNet, build_model
-from menseg.train.losses import RegionDiceBCELoss, labels_to_regions
+from menseg.regions import labels_to_regions
+from menseg.train.losses import RegionDiceBCELoss
 from menseg.train.trainer import train
 
 TINY = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16,16,16]",

@@ -8,7 +8,8 @@ import menseg
 PKG = Path(menseg.__file__).parent
 # Rank of each top-level module/package; a module may import only equal or lower ranks.
 RANK = {
-    "constants": 0, "errors": 0, "utils": 0, "config": 0, "device": 0, "geometry": 0,
+    "constants": 0, "errors": 0, "utils": 0, "config": 0, "device": 0, "geometry": 0, "regions": 0,
+    "filters": 0, "draws": 0, "kmeans": 0,
     "data": 1,
     "synth": 2, "evaluate": 2,
     "nets": 3, "checkpoint": 3, "ism": 3, "sim2real": 3,

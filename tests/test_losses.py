@@ -1,16 +1,16 @@
-"""Region Dice + BCE loss."""
+"""Region Dice + BCE loss (menseg.nets.losses; menseg.train.losses adds the DDP switch)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from menseg.train.losses import (
+from menseg.nets.losses import (
     RegionDiceBCELoss,
     deep_supervision_weights,
-    labels_to_regions,
     soft_dice_loss,
 )
+from menseg.regions import labels_to_regions
 
 
 def _label() -> torch.Tensor:
@@ -20,17 +20,6 @@ def _label() -> torch.Tensor:
     lab[0, 2, 2, 2] = 1
     lab[1, 4:8, 4:8, 0:3] = 1
     return lab
-
-
-def test_labels_to_regions_nested() -> None:
-    r = labels_to_regions(_label())
-    assert r.shape == (2, 3, 8, 8, 8)
-    et, tc, wt = r[:, 0], r[:, 1], r[:, 2]
-    assert (et <= tc).all() and (tc <= wt).all()
-    lab = _label()
-    assert torch.equal(et.bool(), lab == 3)
-    assert torch.equal(tc.bool(), (lab == 1) | (lab == 3))
-    assert torch.equal(wt.bool(), lab > 0)
 
 
 def test_perfect_logits_near_zero_and_wrong_high() -> None:
@@ -75,3 +64,15 @@ def test_deep_supervision_stacked_and_list() -> None:
     heads = [perfect.clone().requires_grad_(), torch.zeros(2, 3, 4, 4, 4, requires_grad=True)]
     loss(heads, lab).backward()
     assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in heads)
+
+
+def test_trainer_loss_is_the_nets_loss_with_its_ddp_switch() -> None:
+    from menseg.nets import losses as nets_losses
+    from menseg.train import losses as train_losses
+
+    logits = torch.randn(2, 3, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    lab = _label()
+    trainer_loss = train_losses.RegionDiceBCELoss(across_ranks=False)
+    assert isinstance(trainer_loss, nets_losses.RegionDiceBCELoss) and trainer_loss._pool is None
+    assert torch.equal(trainer_loss(logits, lab), nets_losses.RegionDiceBCELoss()(logits, lab))
+    assert train_losses.RegionDiceBCELoss(across_ranks=True)._pool is not None

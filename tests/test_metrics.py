@@ -13,7 +13,6 @@ from menseg.evaluate.metrics import (
     hd95,
     lesion_wise,
     metric_names,
-    region_masks,
     surface_dice,
     volume_mm3,
 )
@@ -32,16 +31,6 @@ def box(shape=SHAPE, *slices) -> np.ndarray:
 
 def cube(x, y, z, size=4):
     return (slice(x, x + size), slice(y, y + size), slice(z, z + size))
-
-
-# ----------------------------------------------------------------------------- regions
-def test_region_masks_nested():
-    lab = np.array([0, 1, 2, 3], dtype=np.uint8).reshape(4, 1, 1)
-    m = region_masks(lab)
-    assert list(m) == ["ET", "TC", "WT"]
-    assert m["ET"].ravel().tolist() == [False, False, False, True]
-    assert m["TC"].ravel().tolist() == [False, True, False, True]
-    assert m["WT"].ravel().tolist() == [False, True, True, True]
 
 
 # ----------------------------------------------------------------------------- legacy

@@ -20,7 +20,13 @@ from menseg.data.layouts import detect_layout, discover_cases
 from menseg.data.phantom import make_phantom_case, write_phantom_dataset
 from menseg.data.validate import check_dataset
 from menseg.errors import MensegError
-from menseg.synth.inject import inject_dataset, injection_seed, load_injection_sidecar, replay_injection
+from menseg.synth.inject import (
+    inject_dataset,
+    inject_into_image,
+    injection_seed,
+    load_injection_sidecar,
+    replay_injection,
+)
 from menseg.synth.lesion import LesionConfig
 from shared_data import REAL_UNLABELED, needs_real_unlabeled
 
@@ -238,3 +244,44 @@ def test_existing_label_not_moved_by_mass_effect():
         res = inject_arrays(img, lab, aff, big, seed)
         assert np.array_equal(res.label[keep], lab[keep])
         assert ((res.label > 0) & ~keep).sum() > 0
+
+
+# ----------------------------------------------------------------------------- one scan (torch)
+def _phantom_tensors():
+    from menseg.data.phantom import make_phantom_case
+    img, lab, _ = make_phantom_case((40, 40, 32), (3.0, 3.0, 3.0), np.random.default_rng(1))
+    return torch.from_numpy(img), torch.from_numpy(lab)
+
+
+def _check_injection(img, lab, sp, seed=0):
+    cfg = LesionConfig(volume_median_cm3=15.0, volume_log_sigma=0.2, oedema_p_range=(1.0, 1.0))
+    out, lab2, params, infl = inject_into_image(img, lab, torch.Generator().manual_seed(seed), cfg, sp,
+                                                return_influence=True)
+    assert out.shape == img.shape and lab2.shape == lab.shape
+    assert torch.equal(out[:, ~infl], img[:, ~infl])
+    assert torch.equal(lab2[~infl], lab[~infl])
+    assert bool((lab2 == 3).sum() > (lab == 3).sum())
+    changed = (out != img).any(0)
+    assert bool(changed[(lab2 != lab)].all())  # label changes only where the image changed
+    et_new = (lab2 == 3) & (lab != 3)
+    wm_t1c = float(out[0][(lab2 == 0) & (img[1] > img[1][img[1] > 0].median())].mean())
+    assert float(out[0][et_new].mean()) > wm_t1c  # enhancing on t1c
+    o2, l2, _ = inject_into_image(img, lab, torch.Generator(), cfg, sp, params=params)
+    assert torch.equal(o2, out) and torch.equal(l2, lab2)
+
+
+def test_inject_into_image_phantom():
+    img, lab = _phantom_tensors()
+    _check_injection(img, lab, (3.0, 3.0, 3.0))
+
+
+
+@needs_real_unlabeled
+def test_inject_into_image_real_scan():
+    from menseg.data.layouts import discover_cases
+    from menseg.data.preprocess import load_case
+    cases = discover_cases(REAL_UNLABELED)
+    img, _, aff = load_case(cases[0])
+    img = torch.from_numpy(img)[:, ::3, ::3, ::3].contiguous()  # ~3 mm, fast
+    sp = tuple(float(v) * 3 for v in np.linalg.norm(aff[:3, :3], axis=0))
+    _check_injection(img, torch.zeros(img.shape[1:], dtype=torch.uint8), sp, seed=2)

@@ -449,13 +449,21 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+_T = typing.TypeVar("_T")
+
+
+def _coerce(value: Any, tp: Any, where: str, kind: str) -> Any:
+    """``value`` (from YAML / JSON) as type ``tp``; ``where`` names it in errors as ``<kind> '<where>'``."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+
+    def bad(what: str) -> MensegError:
+        return MensegError(f"{kind} '{where}' {what}")
+
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise MensegError(f"config key '{where}' must be a mapping, got {value!r}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, kind=kind)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -464,46 +472,78 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, kind)
             except MensegError as e:
                 errors.append(str(e))
-        raise MensegError(errors[0] if errors else f"config key '{where}': bad value {value!r}")
-    if origin is tuple:
+        if len(errors) == 1:
+            raise MensegError(errors[0])
+        raise bad(f"fits none of {tp} ({'; '.join(errors)})")
+    if origin is typing.Literal:
+        if value not in args:
+            raise bad(f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise MensegError(f"config key '{where}' must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
+            raise bad(f"must be a list, got {value!r}")
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            item = args[0] if args else Any
+            items = [_coerce(v, item, f"{where}[{i}]", kind) for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+        if not args:
+            return tuple(value)
         if len(value) != len(args):
-            raise MensegError(f"config key '{where}' needs {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+            raise bad(f"needs {len(args)} values, got {len(value)}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(v, a, f"{where}[{i}]", kind) for i, (v, a) in pairs)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad(f"must be a mapping, got {value!r}")
+        ka, va = args if args else (Any, Any)
+        return {_coerce(k, ka, where, kind): _coerce(v, va, f"{where}.{k}", kind) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MensegError(f"config key '{where}' must be a number, got {value!r}")
+            raise bad(f"must be a number, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MensegError(f"config key '{where}' must be an integer, got {value!r}")
-        return value
+        integral = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not integral:
+            raise bad(f"must be an integer, got {value!r}")
+        return int(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise MensegError(f"config key '{where}' must be true or false, got {value!r}")
+            raise bad(f"must be true or false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise MensegError(f"config key '{where}' must be a string, got {value!r}")
+            raise bad(f"must be a string, got {value!r}")
         return str(value)
     return value
 
 
-def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, checking keys and types."""
+def from_dict(cls: type[_T], d: Any, where: str = "", *, kind: str = "config key") -> _T:
+    """Build dataclass ``cls`` from a nested dict (YAML or JSON), checking keys and types.
+
+    The one dataclass-from-dict parser (configs here; the synthetic engine's configs and sidecars
+    through :func:`menseg.synth.serial.from_dict`). Missing keys keep their defaults, unknown keys are
+    errors; values are converted along the type hints: nested dataclasses, ``tuple[...]`` (from lists),
+    ``list[...]``, ``dict[...]``, ``Literal[...]``, ``X | None``, numbers (an integral float is an
+    int), strings (a number is written as a string). An instance of ``cls`` is returned as it is.
+    Errors are :class:`MensegError` naming the value as ``<kind> '<where>.<key>'`` (e.g.
+    ``config key 'train.steps'``).
+    """
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise MensegError(f"{kind} '{where}' must be a mapping, got {d!r}" if where
+                          else f"{cls.__name__} needs a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - names)
     if unknown:
-        key = f"{where}.{sorted(unknown)[0]}" if where else sorted(unknown)[0]
-        raise MensegError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
+        keys = ", ".join(f"'{where}.{k}'" if where else f"'{k}'" for k in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise MensegError(f"unknown {kind}{plural} {keys} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k, kind) for k, v in d.items()}
     return cls(**kwargs)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -10,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from menseg.checkpoint import load_checkpoint
 from menseg.config import TranslatorConfig
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
-from menseg.sim2real.gap import domain_gap, gap_table, kmeans_1d, pseudo_tissues
+from menseg.kmeans import kmeans_1d
+from menseg.sim2real.gap import domain_gap, gap_table, pseudo_tissues
 from menseg.sim2real.translator import (
     Generator,
     fit_translator,
@@ -60,12 +66,20 @@ def _data(seed: int = 0, n: int = 3):
     return syn, real
 
 
+#: torch's thread count when this module was imported; floating-point results depend on it (e.g. the
+#: weight-digest guard's), so no fixture here may leave it changed for the modules that run later.
+THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
     syn, real = _data()
     out = tmp_path_factory.mktemp("translator")
-    fit_translator(syn, real, _cfg(), out, seed=0, device="cpu", progress=False, spacing=(1.0, 1.0, 1.0))
+    torch.set_num_threads(1)  # tiny volumes: one thread is much faster on a busy shared machine
+    try:
+        fit_translator(syn, real, _cfg(), out, seed=0, device="cpu", progress=False, spacing=(1.0, 1.0, 1.0))
+    finally:
+        torch.set_num_threads(THREADS)
     return out
 
 
@@ -275,3 +289,67 @@ def test_domain_gap_separates_shifted_sets():
         domain_gap([], {"x": same})
     with pytest.raises(MensegError):
         domain_gap(real, {"x": [same[0][0]]})
+
+
+# ---------------------------------------------------------------- fit folder: one writer, damaged checkpoint
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s fit lock until it is killed (e.g. a fit started elsewhere)."""
+    ready = folder.parent / f"{folder.name}.ready"
+    code = ("import sys, time, pathlib; from menseg.utils import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'translator'):\n"
+            "    pathlib.Path(sys.argv[2]).touch(); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(ready)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "lock holder did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_second_fitter_on_one_folder_fails_with_one_line(tmp_path):
+    syn, real = _data(seed=5, n=1)
+    cfg = _cfg(steps=2, channels=4, checkpoint_every=1, preview_every=0)
+    out = tmp_path / "fit"
+    holder = _hold_lock(out)
+    try:
+        for resume in (False, True):
+            if resume:
+                (out / "latest.pt").write_bytes(b"a checkpoint being written by the other fitter")
+            with pytest.raises(MensegError, match="another process is using this translator folder") as e:
+                fit_translator(syn, real, cfg, out, seed=1, device="cpu", progress=False, resume=resume)
+            assert "\n" not in str(e.value)
+            assert sorted(p.name for p in out.iterdir()) == [".lock"] + (["latest.pt"] if resume else [])
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / "latest.pt").unlink()
+    # the lock went with its holder: the folder is free (and counts as empty) again
+    assert fit_translator(syn, real, cfg, out, seed=1, device="cpu", progress=False).is_file()
+
+
+def test_damaged_latest_resumes_from_previous_with_a_warning(tmp_path, caplog):
+    syn, real = _data(seed=5, n=1)
+    cfg = _cfg(steps=6, channels=4, checkpoint_every=2, preview_every=0, semantic_warmup=2)
+    kw = dict(seed=3, device="cpu", progress=False)
+    full = fit_translator(syn, real, cfg, tmp_path / "full", **kw)
+    part = tmp_path / "part"
+    fit_translator(syn, real, cfg, part, stop_at=5, **kw)  # checkpoints at 2 and 4: latest = 4, prev = 2
+    assert load_checkpoint(part / "latest.prev.pt")["step"] == 2
+    latest = part / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:-100])  # cut short, as by a full disk
+    with caplog.at_level("WARNING"):
+        resumed = fit_translator(syn, real, cfg, part, resume=True, **kw)
+    assert any("latest.prev.pt" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    a, b = load_checkpoint(full), load_checkpoint(resumed)
+    for key in ("generator", "segmenter"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)  # steps 3..6 redone from step 2: same weights
+    steps = [json.loads(s)["step"] for s in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_fixtures_leave_the_thread_count_as_they_found_it(fitted):
+    assert torch.get_num_threads() == THREADS

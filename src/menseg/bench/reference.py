@@ -61,7 +61,8 @@ from menseg.config import InferConfig, ModelConfig, TrainConfig, load_config
 from menseg.constants import MODALITIES
 from menseg.device import resolve_device
 from menseg.errors import MensegError
-from menseg.train.losses import deep_supervision_weights, labels_to_regions
+from menseg.nets.losses import deep_supervision_weights
+from menseg.regions import labels_to_regions
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from menseg.constants import REGION_NAMES, REGIONS
+from menseg.constants import REGION_NAMES
+from menseg.regions import region_masks  # re-exported: the trainer imports it from here
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +171,6 @@ def _surface_dice_from(d: tuple[np.ndarray, np.ndarray], tolerance_mm: float) ->
 
 
 # ----------------------------------------------------------------------------- legacy
-def region_masks(label: np.ndarray) -> dict[str, np.ndarray]:
-    """Nested BraTS region masks of a label map.
-
-    ``label``: integer ``(X, Y, Z)`` with values in {0, 1, 2, 3}. Returns
-    ``{"ET": label == 3, "TC": label in {1, 3}, "WT": label in {1, 2, 3}}`` as bool arrays,
-    in :data:`~menseg.constants.REGION_NAMES` order.
-    """
-    label = np.asarray(label)
-    return {name: np.isin(label, REGIONS[name]) for name in REGION_NAMES}
-
-
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Whole-volume Dice of two boolean masks; 1.0 when both are empty, 0.0 when one is."""
     pred = np.asarray(pred, dtype=bool)

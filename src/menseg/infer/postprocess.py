@@ -1,8 +1,8 @@
 """From region probabilities to a BraTS-MEN label map, and removal of tiny components.
 
-Regions are nested (ET within TC within WT, see ``menseg.constants.REGIONS``):
-the label is built by painting WT as SNFH (2), then TC as NETC (1), then ET as
-ET (3), the convention of the region-based BraTS winners and nnU-Net.
+Regions are nested (ET within TC within WT, see ``menseg.constants.REGIONS``); the label is painted
+by :func:`menseg.regions.regions_to_labels` (re-exported here): WT as SNFH (2), then TC as NETC (1),
+then ET as ET (3), the convention of the region-based BraTS winners and nnU-Net.
 """
 
 from __future__ import annotations
@@ -13,60 +13,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from menseg.constants import REGION_NAMES, REGIONS
+from menseg.regions import REGION_PAINT, per_region, region_masks, regions_to_labels
 
 log = logging.getLogger(__name__)
 
-#: Label painted for each region, in painting order (outermost first).
-REGION_PAINT: tuple[tuple[str, int], ...] = (("WT", 2), ("TC", 1), ("ET", 3))
-
 #: 26-connectivity in 3D.
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
-
-
-def _per_region(value: float | Sequence[float] | Mapping[str, float], what: str) -> dict[str, float]:
-    if isinstance(value, Mapping):
-        missing = [r for r in REGION_NAMES if r not in value]
-        if missing:
-            raise ValueError(f"{what} mapping lacks regions {missing}")
-        return {r: float(value[r]) for r in REGION_NAMES}
-    if isinstance(value, int | float | np.floating | np.integer):
-        return {r: float(value) for r in REGION_NAMES}
-    vals = list(value)
-    if len(vals) != len(REGION_NAMES):
-        raise ValueError(f"{what} needs {len(REGION_NAMES)} values ({REGION_NAMES}), got {vals}")
-    return dict(zip(REGION_NAMES, (float(v) for v in vals), strict=True))
-
-
-def regions_to_labels(
-    probs: np.ndarray, threshold: float | Sequence[float] | Mapping[str, float] = 0.5
-) -> np.ndarray:
-    """Nested region probabilities -> label map.
-
-    Args:
-        probs: ``(3, X, Y, Z)`` probabilities (or any array) in ``REGION_NAMES`` order
-            (ET, TC, WT); torch tensors are accepted.
-        threshold: one value, or one per region (sequence in ET, TC, WT order or mapping);
-            a voxel belongs to a region when its probability is strictly above it.
-
-    Returns:
-        ``(X, Y, Z)`` uint8 label: 0 background; WT -> 2; TC -> 1; ET -> 3, painted in
-        that order so inner regions win.
-    """
-    probs = np.asarray(probs.detach().cpu() if hasattr(probs, "detach") else probs)
-    if probs.ndim < 1 or probs.shape[0] != len(REGION_NAMES):
-        raise ValueError(f"probs must be ({len(REGION_NAMES)}, ...), got shape {probs.shape}")
-    t = _per_region(threshold, "threshold")
-    label = np.zeros(probs.shape[1:], dtype=np.uint8)
-    for region, value in REGION_PAINT:
-        label[probs[REGION_NAMES.index(region)] > t[region]] = value
-    return label
-
-
-def labels_to_regions(label: np.ndarray) -> np.ndarray:
-    """Label map ``(X, Y, Z)`` -> boolean region masks ``(3, X, Y, Z)`` in ET, TC, WT order."""
-    label = np.asarray(label)
-    return np.stack([np.isin(label, REGIONS[r]) for r in REGION_NAMES])
 
 
 def _remove_small(mask: np.ndarray, min_voxels: float) -> tuple[np.ndarray, int]:
@@ -111,8 +63,8 @@ def remove_small_components(
     voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=np.float64)))
     if voxel_mm3 <= 0:
         raise ValueError(f"spacing must be positive, got {tuple(spacing)}")
-    mins = _per_region(min_mm3, "min_mm3")
-    masks = dict(zip(REGION_NAMES, labels_to_regions(label), strict=True))
+    mins = per_region(min_mm3, "min_mm3")
+    masks = region_masks(label)
     out = np.zeros(label.shape, dtype=np.uint8)
     outer: np.ndarray | None = None
     for region, value in REGION_PAINT:
@@ -126,4 +78,4 @@ def remove_small_components(
     return out
 
 
-__all__ = ["REGION_PAINT", "labels_to_regions", "regions_to_labels", "remove_small_components"]
+__all__ = ["REGION_PAINT", "regions_to_labels", "remove_small_components"]

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from menseg.config import FieldConfig
+from menseg.draws import log_uniform, uniform
 from menseg.errors import MensegError
 
 log = logging.getLogger(__name__)
@@ -178,11 +179,6 @@ def field_on_grid(
 # ---------------------------------------------------------------- sampling
 
 
-def _loguniform(rng: torch.Generator, lo: float, hi: float) -> float:
-    u = float(torch.rand((), generator=rng, dtype=torch.float64))
-    return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-
-
 def calibrate_threshold(score: Tensor, sharpness: float, ratio: float, tol: float = CALIBRATION_TOL) -> float:
     """The ``theta`` with ``mean(sigmoid(sharpness * (score - theta))) = ratio`` (to ``tol``).
 
@@ -234,11 +230,10 @@ def sample_field(
         :func:`field_on_grid`.
     """
     k = cfg.n_features
-    wavelength = _loguniform(rng, *cfg.wavelength_mm)
-    period = _loguniform(rng, *cfg.period_days)
-    ratio = cfg.ratio[0] + float(torch.rand((), generator=rng, dtype=torch.float64)) * (
-        cfg.ratio[1] - cfg.ratio[0])
-    sharpness = _loguniform(rng, *cfg.sharpness)
+    wavelength = log_uniform(rng, *cfg.wavelength_mm)
+    period = log_uniform(rng, *cfg.period_days)
+    ratio = uniform(rng, *cfg.ratio)
+    sharpness = log_uniform(rng, *cfg.sharpness)
     dirs = torch.randn(k, 3, generator=rng, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     wl = wavelength * 2.0 ** torch.rand(k, generator=rng, dtype=torch.float64)  # [L, 2L)

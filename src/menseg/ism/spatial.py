@@ -35,6 +35,7 @@ from torch import nn
 
 from menseg.config import ISM_SOURCES as SOURCES
 from menseg.config import SpatialMixConfig
+from menseg.draws import draw_seed, uniforms
 from menseg.errors import MensegError
 from menseg.ism.fields import MixField, field_on_grid, sample_field
 from menseg.nets.unet import decode, encode, encode_from, level_strides
@@ -128,8 +129,8 @@ def sample_field_batch(
     fields: list[MixField | None] = []
     srcs: list[str | None] = []
     for b in range(batch_size):
-        seed = int(torch.randint(0, 2**62, (), generator=rng))
-        coin, pick = torch.rand(2, generator=rng, dtype=torch.float64).tolist()
+        seed = draw_seed(rng)
+        coin, pick = uniforms(rng, 2)
         if not (cfg.enabled and sources and coin < cfg.p):
             fields.append(None)
             srcs.append(None)
@@ -177,7 +178,7 @@ def mix_targets(ya: Tensor, yb: Tensor, lam_full: Tensor) -> Tensor:
     """Soft targets ``lambda ya + (1 - lambda) yb`` at full resolution.
 
     ``ya``, ``yb``: region targets ``(B, C, X, Y, Z)`` in [0, 1] (e.g.
-    ``menseg.train.losses.labels_to_regions`` of the labels); ``lam_full``: ``(B, 1, X, Y, Z)``, the
+    ``menseg.regions.labels_to_regions`` of the labels); ``lam_full``: ``(B, 1, X, Y, Z)``, the
     field on the label grid (``FieldBatch.on_grid(shape)``). With a binary field this is exactly
     cut-and-paste of the labels.
     """

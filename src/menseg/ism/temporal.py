@@ -48,6 +48,7 @@ from torch import nn
 from menseg.config import TemporalConfig
 from menseg.constants import REGION_NAMES, REGIONS
 from menseg.errors import MensegError
+from menseg.regions import region_masks, regions_to_labels
 
 if TYPE_CHECKING:
     from menseg.ism.fields import MixField
@@ -237,11 +238,6 @@ def temporal_forward(
 # ----------------------------------------------------------------------------- signed distances
 
 
-def _region_masks(label: np.ndarray) -> list[np.ndarray]:
-    """Binary masks of the nested regions, in :data:`REGION_NAMES` order (ET, TC, WT)."""
-    return [np.isin(label, REGIONS[name]) for name in REGION_NAMES]
-
-
 def _spacing3(spacing_mm: Sequence[float] | float) -> tuple[float, float, float]:
     if isinstance(spacing_mm, int | float):
         return (float(spacing_mm),) * 3  # type: ignore[return-value]
@@ -284,7 +280,7 @@ def signed_distances(label: np.ndarray | Tensor, spacing_mm: Sequence[float] | f
     lab = label.detach().cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
     if lab.ndim != 3:
         raise MensegError(f"label map must be (X, Y, Z), got shape {lab.shape}")
-    return np.stack([signed_distance(m, spacing_mm) for m in _region_masks(lab)])
+    return np.stack([signed_distance(m, spacing_mm) for m in region_masks(lab).values()])
 
 
 def _as_weight(s: float | np.ndarray | Tensor, like: Tensor) -> Tensor | float:
@@ -307,7 +303,7 @@ def interpolate_regions(d0: Tensor, d1: Tensor, w: float | Tensor) -> Tensor:
 
     Returns:
         float ``(..., 3, X, Y, Z)`` region targets in {0, 1} (ET ⊆ TC ⊆ WT), the format of
-        :func:`menseg.train.losses.labels_to_regions`. ``w = 0`` gives visit 0's regions and
+        :func:`menseg.regions.labels_to_regions`. ``w = 0`` gives visit 0's regions and
         ``w = 1`` visit 1's, exactly.
     """
     if d0.shape != d1.shape or d0.ndim < 4 or d0.shape[-4] != len(REGION_NAMES):
@@ -319,19 +315,6 @@ def interpolate_regions(d0: Tensor, d1: Tensor, w: float | Tensor) -> Tensor:
     tc = torch.maximum(tc, whole)  # re-nest: TC inside WT, ET inside TC (a no-op up to ties)
     et = torch.maximum(et, tc)
     return (torch.stack([et, tc, whole], dim=-4) < 0).to(d0.dtype)
-
-
-def regions_to_labels(regions: Tensor) -> Tensor:
-    """Nested region masks ``(..., 3, X, Y, Z)`` (ET, TC, WT) -> BraTS labels ``(..., X, Y, Z)`` uint8.
-
-    WT without TC -> 2 (SNFH), TC without ET -> 1 (NETC), ET -> 3, else 0.
-    """
-    et, tc, whole = (r > 0.5 for r in regions.unbind(dim=-4))
-    lab = torch.zeros(whole.shape, dtype=torch.uint8, device=regions.device)
-    lab[whole] = 2
-    lab[tc] = 1
-    lab[et] = 3
-    return lab
 
 
 def interpolate_labels(
@@ -365,7 +348,7 @@ def interpolate_labels(
         w = torch.as_tensor(np.asarray(w), dtype=torch.float32)
         if w.numel() and (float(w.min()) < 0.0 or float(w.max()) > 1.0):
             raise MensegError("interpolation fractions must be in [0, 1]")
-    lab = regions_to_labels(interpolate_regions(d0, d1, w))
+    lab = regions_to_labels(interpolate_regions(d0, d1, w), 0.5, axis=-4)
     if is_tensor:
         return lab.to(device=label0.device, dtype=label0.dtype)  # type: ignore[union-attr]
     return lab.numpy().astype(l0.dtype, copy=False)
@@ -441,7 +424,6 @@ __all__ = [
     "encode_gap",
     "interpolate_labels",
     "interpolate_regions",
-    "regions_to_labels",
     "signed_distance",
     "signed_distances",
     "temporal_forward",

@@ -11,8 +11,8 @@ translated synthetic cases) :func:`domain_gap` reports:
     of patches from the other half. 0.5 = indistinguishable, 1.0 = fully separable. This
     sees texture and context, which is what the translator is trained to fool.
 ``tissue_w1``, ``w1_<seq>``
-    pseudo-tissues (3 classes, CSF/GM/WM-like) from a 1D k-means on t1n inside the head of
-    each case (centres sorted by their t1n mean), then per sequence and tissue the
+    pseudo-tissues (3 classes, CSF/GM/WM-like) from a 1D k-means (:mod:`menseg.kmeans`) on t1n inside
+    the head of each case (centres sorted by their t1n mean), then per sequence and tissue the
     1-Wasserstein distance (z-score units) between the pooled real and the pooled candidate
     intensities (each subsampled to at most ``MAX_VALUES`` values with a seeded generator).
     ``tissue_w1`` is the mean over the 12 (sequence, tissue) pairs, ``w1_<seq>`` the mean over
@@ -35,6 +35,7 @@ from menseg.constants import MODALITIES
 from menseg.data.sampling import choose_start, crop_pad, foreground_coords
 from menseg.device import resolve_device
 from menseg.errors import MensegError
+from menseg.kmeans import kmeans_1d
 from menseg.utils import derive_seed
 
 log = logging.getLogger(__name__)
@@ -169,21 +170,6 @@ def classifier_scores(
     return acc, _auc(scores, labels)
 
 
-def kmeans_1d(values: np.ndarray, k: int = 3, iters: int = KMEANS_ITERS) -> np.ndarray:
-    """Sorted centres ``(k,)`` of a deterministic 1D k-means (Lloyd; initial centres at quantiles)."""
-    v = np.asarray(values, np.float64).ravel()
-    if v.size == 0:
-        raise MensegError("k-means needs at least one value")
-    centres = np.quantile(v, (np.arange(k) + 0.5) / k)
-    for _ in range(iters):
-        assign = np.argmin(np.abs(v[:, None] - centres[None]), axis=1)
-        new = np.array([v[assign == j].mean() if np.any(assign == j) else centres[j] for j in range(k)])
-        if np.allclose(new, centres):
-            break
-        centres = new
-    return np.sort(centres)
-
-
 def pseudo_tissues(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Pseudo-tissue map ``(X, Y, Z)`` int8 of a preprocessed image: -1 outside the head, else 0/1/2
     (CSF/GM/WM-like: k-means classes of t1n inside the head, by increasing t1n mean)."""
@@ -194,7 +180,7 @@ def pseudo_tissues(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if t1n.size == 0:
         return out
     fit = t1n if t1n.size <= KMEANS_SAMPLE else rng.choice(t1n, KMEANS_SAMPLE, replace=False)
-    centres = kmeans_1d(fit, len(TISSUES))
+    centres = kmeans_1d(fit, len(TISSUES), KMEANS_ITERS)
     out[head] = np.argmin(np.abs(t1n[:, None] - centres[None]), axis=1).astype(np.int8)
     return out
 
@@ -282,5 +268,5 @@ def gap_table(result: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DomainClassifier", "TISSUES", "classifier_scores", "domain_gap", "gap_table", "kmeans_1d",
-           "pseudo_tissues", "tissue_distances"]
+__all__ = ["DomainClassifier", "TISSUES", "classifier_scores", "domain_gap", "gap_table", "pseudo_tissues",
+           "tissue_distances"]

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from menseg.draws import draw_seed, uniforms
+from menseg.synth.serial import from_dict
 from menseg.synth.tissues import BACKGROUND, CSF, DURA, GM, VENTRICLE, WM
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class AnatomyParams:
     @staticmethod
     def from_dict(d: dict) -> AnatomyParams:
         """Inverse of ``dataclasses.asdict`` (lists from JSON become tuples)."""
-        return AnatomyParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return from_dict(AnatomyParams, d)
 
 
 def identity_params() -> AnatomyParams:
@@ -122,16 +124,13 @@ def sample_anatomy_params(gen: torch.Generator, cfg: AnatomyConfig | None = None
     """Draw one anatomy's parameters from ``cfg`` with the CPU generator ``gen``."""
     cfg = cfg or AnatomyConfig()
 
-    def u(lo: float, hi: float, n: int = 1) -> list[float]:
-        return (lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).tolist()
-
-    rot = u(-cfg.rotation_deg, cfg.rotation_deg, 3)
-    scale = u(1.0 - cfg.scaling, 1.0 + cfg.scaling, 3)
-    trans = u(-cfg.translation_mm, cfg.translation_mm, 3)
-    flip = bool(u(0.0, 1.0)[0] < cfg.flip_lr_prob)
-    disp = u(*cfg.displacement_mm_range)[0]
-    spacing = u(*cfg.control_spacing_mm_range)[0]
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    rot = uniforms(gen, 3, -cfg.rotation_deg, cfg.rotation_deg)
+    scale = uniforms(gen, 3, 1.0 - cfg.scaling, 1.0 + cfg.scaling)
+    trans = uniforms(gen, 3, -cfg.translation_mm, cfg.translation_mm)
+    flip = bool(uniforms(gen, 1)[0] < cfg.flip_lr_prob)
+    disp = uniforms(gen, 1, *cfg.displacement_mm_range)[0]
+    spacing = uniforms(gen, 1, *cfg.control_spacing_mm_range)[0]
+    seed = draw_seed(gen)
     return AnatomyParams(
         rotation_deg=tuple(round(v, 6) for v in rot), scale=tuple(round(v, 6) for v in scale),
         translation_mm=tuple(round(v, 6) for v in trans), flip_lr=flip,

@@ -49,8 +49,11 @@ import torch
 import torch.nn.functional as F
 
 from menseg.constants import MODALITIES
+from menseg.draws import draw_seed, log_uniforms, uniforms
 from menseg.errors import MensegError
+from menseg.filters import gaussian_blur
 from menseg.synth import tissues as T
+from menseg.synth.serial import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +200,7 @@ class AppearanceConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AppearanceConfig:
         """Build from a plain dict (e.g. YAML; lists become tuples); unknown keys are errors."""
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise MensegError(f"appearance config: unknown keys {bad}")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        if "intensity_rules" in kw:
-            kw["intensity_rules"] = {s: dict(r) for s, r in kw["intensity_rules"].items()}
-        return cls(**kw)
+        return from_dict(cls, dict(d))
 
 
 @dataclass(frozen=True)
@@ -236,23 +232,10 @@ class AppearanceParams:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AppearanceParams:
         """Inverse of :meth:`to_dict` (accepts lists from JSON)."""
-
-        def tup(v: Any) -> Any:
-            return tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-        return cls(**{k: tup(v) for k, v in d.items()})
+        return from_dict(cls, dict(d))
 
 
 # ----------------------------------------------------------------- sampling
-
-
-def _uniform(gen: torch.Generator, lo: float, hi: float, n: int) -> list[float]:
-    u = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
-    return [lo + (hi - lo) * x for x in u]
-
-
-def _log_uniform(gen: torch.Generator, lo: float, hi: float, n: int) -> list[float]:
-    return [math.exp(v) for v in _uniform(gen, math.log(lo), math.log(hi), n)]
 
 
 def _parse_rule(seq: str, tissue: str, rule: str) -> tuple[str | None, str | None, float, float]:
@@ -276,7 +259,7 @@ def sample_tissue_means(gen: torch.Generator, rules: Mapping[str, Mapping[str, s
             if tissue not in _NAME_TO_ID or tissue == "background":
                 raise MensegError(f"appearance rule {seq}.{tissue}: unknown tissue")
             a, b, lo, hi = _parse_rule(seq, tissue, rule)
-            (u,) = _uniform(gen, 0.0, 1.0, 1)
+            (u,) = uniforms(gen, 1)
             s = lo + (hi - lo) * u
 
             def ref(name: str, seq: str = seq, tissue: str = tissue) -> float:
@@ -309,19 +292,19 @@ def _sample_artefacts(gen: torch.Generator, cfg: AppearanceConfig, means: Sequen
                       ) -> dict[str, Any]:
     """Draw every artefact scalar (fixed number of draws)."""
     n = len(MODALITIES)
-    pv = _uniform(gen, *cfg.pv_sigma_mm, 1)[0]
-    blur = _uniform(gen, *cfg.blur_sigma_mm, n)
-    thick_u = _uniform(gen, 0.0, 1.0, n)
-    axis_u = _uniform(gen, 0.0, 1.0, n)
-    thick = _uniform(gen, *cfg.slice_thickness_mm, n)
-    bias = _uniform(gen, *cfg.bias_strength, n)
-    (bias_scale,) = _uniform(gen, *cfg.bias_scale_mm, 1)
-    (tex_scale,) = _uniform(gen, *cfg.texture_scale_mm, 1)
-    noise = _uniform(gen, *cfg.noise_sigma, n)
-    gamma = [math.exp(v) for v in _uniform(gen, *cfg.log_gamma, n)]
-    scale = _log_uniform(gen, *cfg.scale, n)
-    (strip_u,) = _uniform(gen, 0.0, 1.0, 1)
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    pv = uniforms(gen, 1, *cfg.pv_sigma_mm)[0]
+    blur = uniforms(gen, n, *cfg.blur_sigma_mm)
+    thick_u = uniforms(gen, n)
+    axis_u = uniforms(gen, n)
+    thick = uniforms(gen, n, *cfg.slice_thickness_mm)
+    bias = uniforms(gen, n, *cfg.bias_strength)
+    (bias_scale,) = uniforms(gen, 1, *cfg.bias_scale_mm)
+    (tex_scale,) = uniforms(gen, 1, *cfg.texture_scale_mm)
+    noise = uniforms(gen, n, *cfg.noise_sigma)
+    gamma = [math.exp(v) for v in uniforms(gen, n, *cfg.log_gamma)]
+    scale = log_uniforms(gen, n, *cfg.scale)
+    (strip_u,) = uniforms(gen, 1)
+    seed = draw_seed(gen)
     axes = [min(int(a * 3), 2) if t < cfg.thick_slice_prob else -1
             for a, t in zip(axis_u, thick_u, strict=True)]
     return dict(
@@ -343,8 +326,8 @@ def sample_appearance_params(gen: torch.Generator, cfg: AppearanceConfig | None 
     """Draw one appearance (tissue means under the contrast rules + artefacts) from ``gen`` (CPU)."""
     cfg = cfg or AppearanceConfig()
     means = sample_tissue_means(gen, cfg.intensity_rules)
-    tex_h = _uniform(gen, *cfg.texture_healthy, len(MODALITIES) * T.N_TISSUES)
-    tex_l = _uniform(gen, *cfg.texture_lesion, len(MODALITIES) * T.N_TISSUES)
+    tex_h = uniforms(gen, len(MODALITIES) * T.N_TISSUES, *cfg.texture_healthy)
+    tex_l = uniforms(gen, len(MODALITIES) * T.N_TISSUES, *cfg.texture_lesion)
     texture = tuple(
         tuple(0.0 if t == T.BACKGROUND else
               (tex_l if t in _LESION_GROUP else tex_h)[c * T.N_TISSUES + t] for t in range(T.N_TISSUES))
@@ -372,8 +355,8 @@ def sample_random_intensity_params(gen: torch.Generator, n_classes: int,
     if n_classes < 2:
         raise MensegError(f"render_random_intensities: need at least 2 classes, got {n_classes}")
     nc = len(MODALITIES)
-    raw = _uniform(gen, 0.0, 1.0, nc * n_classes)
-    tex = _uniform(gen, *cfg.texture_healthy, nc * n_classes)
+    raw = uniforms(gen, nc * n_classes)
+    tex = uniforms(gen, nc * n_classes, *cfg.texture_healthy)
     means = tuple(tuple(0.0 if k == 0 else raw[c * n_classes + k] for k in range(n_classes))
                   for c in range(nc))
     texture = tuple(tuple(0.0 if k == 0 else tex[c * n_classes + k] for k in range(n_classes))
@@ -384,37 +367,6 @@ def sample_random_intensity_params(gen: torch.Generator, n_classes: int,
 
 
 # ----------------------------------------------------------------- rendering helpers
-
-
-def _blur3(x: Tensor, a: Tensor, dim: int) -> Tensor:
-    """One 3-tap pass ``[a, 1-2a, a]`` along ``dim`` of ``x`` (C, X, Y, Z), per-channel ``a``
-    (shape (C,1,1,1)); zero padding. Variance added: 2a voxels^2."""
-    n = x.shape[dim]
-    if n < 2:
-        return x
-    y = x * (1.0 - 2.0 * a)
-    y.narrow(dim, 1, n - 1).addcmul_(x.narrow(dim, 0, n - 1), a)
-    y.narrow(dim, 0, n - 1).addcmul_(x.narrow(dim, 1, n - 1), a)
-    return y
-
-
-def gaussian_blur(x: Tensor, sigma_vox: Tensor) -> Tensor:
-    """Separable Gaussian-like blur of ``x`` (C, X, Y, Z) with per-channel, per-axis sigma.
-
-    ``sigma_vox`` is (C, 3) in voxels. Each axis is a cascade of 3-tap binomial passes
-    whose variances add up to sigma^2 exactly (one pass covers sigma <= 0.82 voxel, the
-    usual case). Axes whose largest sigma is below 0.1 voxel are skipped.
-    """
-    for d in range(3):
-        s2 = sigma_vox[:, d].to(torch.float64) ** 2
-        smax = float(s2.max())
-        if smax < 0.01:
-            continue
-        passes = max(1, math.ceil(smax / (2.0 / 3.0)))
-        a = (s2 / (2.0 * passes)).to(x.dtype).to(x.device).view(-1, 1, 1, 1)
-        for _ in range(passes):
-            x = _blur3(x, a, d + 1)
-    return x
 
 
 def thick_slices(x: Tensor, axis: int, thickness_vox: float) -> Tensor:
@@ -485,7 +437,7 @@ def render(tissue: Tensor, params: AppearanceParams, spacing: Sequence[float] = 
 
     # 2. partial volume + PSF blur
     sig = torch.tensor([[s / sp[d] for d in range(3)] for s in params.blur_sigma_mm], dtype=torch.float64)
-    img = gaussian_blur(img, sig)
+    img = gaussian_blur(img, sig, "binomial")
 
     # 3. thick slices per sequence
     for c in range(nc):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
+from menseg.draws import log_uniform, uniform
 from menseg.geometry import rotation_matrix
 from menseg.utils import derive_seed
 
@@ -89,10 +90,6 @@ class Growth:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return float(lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64))
-
-
 def sample_days(gen: torch.Generator, cfg: LongitudinalConfig, n_visits: int) -> list[int]:
     """Visit days: 0 for the first, then cumulative gaps drawn uniformly from ``cfg.gap_days``."""
     lo, hi = cfg.gap_days
@@ -104,21 +101,21 @@ def sample_days(gen: torch.Generator, cfg: LongitudinalConfig, n_visits: int) ->
 
 def sample_growth(gen: torch.Generator, cfg: LongitudinalConfig) -> Growth:
     """One lesion's growth: log-normal rate (median ``growth_median_pct``), or a regression."""
-    if _uniform(gen, 0.0, 1.0) < cfg.p_regress:
-        rate = -_uniform(gen, *cfg.regress_range_pct)
+    if uniform(gen) < cfg.p_regress:
+        rate = -uniform(gen, *cfg.regress_range_pct)
         return Growth(rate, "exponential", 1.0)
     z = float(torch.randn((), generator=gen, dtype=torch.float64))
     rate = cfg.growth_median_pct * math.exp(cfg.growth_sigma * z)
     rate = min(max(rate, cfg.growth_range_pct[0]), cfg.growth_range_pct[1])
     lo, hi = cfg.capacity_ratio
-    cap = math.exp(_uniform(gen, math.log(lo), math.log(hi)))
+    cap = log_uniform(gen, lo, hi)
     return Growth(rate, cfg.growth_model, cap)
 
 
 def sample_pose(gen: torch.Generator, cfg: LongitudinalConfig) -> Pose:
     """Small rigid pose: rotations uniform in +-pose_rotation_deg, shifts in +-pose_translation_mm."""
-    r = tuple(_uniform(gen, -cfg.pose_rotation_deg, cfg.pose_rotation_deg) for _ in range(3))
-    t = tuple(_uniform(gen, -cfg.pose_translation_mm, cfg.pose_translation_mm) for _ in range(3))
+    r = tuple(uniform(gen, -cfg.pose_rotation_deg, cfg.pose_rotation_deg) for _ in range(3))
+    t = tuple(uniform(gen, -cfg.pose_translation_mm, cfg.pose_translation_mm) for _ in range(3))
     return Pose(r, t)  # type: ignore[arg-type]
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from menseg.constants import MODALITIES
+from menseg.draws import draw_seed
 from menseg.errors import MensegError
 from menseg.synth import tissues as T
 
@@ -329,7 +330,7 @@ def sample_site_params(profile: SiteProfile, seed: int) -> SiteCaseParams:
     zs = torch.randn(3, generator=gen, dtype=torch.float64).tolist()
     u = torch.rand(n + 1, generator=gen, dtype=torch.float64).tolist()
     shift = (torch.randn(3, generator=gen, dtype=torch.float64) * HEAD_SHIFT_MM).tolist()
-    noise_seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    noise_seed = draw_seed(gen)
     t1, t2, pd, gd = [1.0] * n, [1.0] * n, [0.0] * n, [0.0] * n
     for tid in range(n):
         if tid == T.BACKGROUND:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from menseg.config import AugConfig
+from menseg.draws import draw_seed, uniforms
+from menseg.filters import gaussian_blur
 from menseg.geometry import rotation_matrix
 
 Tensor = torch.Tensor
@@ -68,21 +70,6 @@ def register(name: str, spatial: bool = False) -> Callable[[type], type]:
         return cls
 
     return deco
-
-
-# ---------------------------------------------------------------- random draws
-
-
-def _rand(gen: torch.Generator, n: int = 1) -> list[float]:
-    return torch.rand(n, generator=gen, dtype=torch.float64).tolist()
-
-
-def _uniform(gen: torch.Generator, lo: float, hi: float, n: int = 1) -> list[float]:
-    return [lo + (hi - lo) * u for u in _rand(gen, n)]
-
-
-def _seed(gen: torch.Generator) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=gen).item())
 
 
 # ---------------------------------------------------------------- spatial helpers
@@ -177,9 +164,9 @@ class Rotate(SpatialTransform):
     """Rotation about the patch centre, each axis uniform in ±``cfg.rotate_deg``."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> RotateParams:
-        (u,) = _rand(gen)
+        (u,) = uniforms(gen, 1)
         r = math.radians(cfg.rotate_deg)
-        a = _uniform(gen, -r, r, 3)
+        a = uniforms(gen, 3, -r, r)
         return RotateParams(u < cfg.p_rotate, (a[0], a[1], a[2]))
 
     def matrix(self, params: RotateParams) -> Tensor:
@@ -197,8 +184,8 @@ class Scale(SpatialTransform):
     """Isotropic scaling about the patch centre, factor uniform in ``cfg.scale_range``."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> ScaleParams:
-        (u,) = _rand(gen)
-        (f,) = _uniform(gen, *cfg.scale_range)
+        (u,) = uniforms(gen, 1)
+        (f,) = uniforms(gen, 1, *cfg.scale_range)
         return ScaleParams(u < cfg.p_scale, f)
 
     def matrix(self, params: ScaleParams) -> Tensor:
@@ -218,7 +205,7 @@ class Elastic(SpatialTransform):
     voxels) on a ``elastic_grid``^3 lattice, upsampled with cubic-like trilinear smoothing."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> ElasticParams:
-        (u,) = _rand(gen)
+        (u,) = uniforms(gen, 1)
         g = int(cfg.elastic_grid)
         off = torch.randn(3 * g**3, generator=gen, dtype=torch.float64) * cfg.elastic_magnitude_mm
         return ElasticParams(u < cfg.p_elastic, g, tuple(off.tolist()))
@@ -249,9 +236,9 @@ class BiasField:
     uniform in ±``cfg.bias_strength`` (constant term 0)."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> BiasParams:
-        (u,) = _rand(gen)
+        (u,) = uniforms(gen, 1)
         c = shape[0]
-        vals = _uniform(gen, -cfg.bias_strength, cfg.bias_strength, c * len(_POLY_TERMS))
+        vals = uniforms(gen, c * len(_POLY_TERMS), -cfg.bias_strength, cfg.bias_strength)
         coeffs = tuple(
             (0.0, *vals[i * len(_POLY_TERMS) + 1 : (i + 1) * len(_POLY_TERMS)]) for i in range(c)
         )
@@ -283,9 +270,9 @@ class GaussianNoise:
     """Additive Gaussian noise, sd uniform in ``cfg.noise_std``."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> NoiseParams:
-        (u,) = _rand(gen)
-        (std,) = _uniform(gen, *cfg.noise_std)
-        return NoiseParams(u < cfg.p_noise, std, _seed(gen))
+        (u,) = uniforms(gen, 1)
+        (std,) = uniforms(gen, 1, *cfg.noise_std)
+        return NoiseParams(u < cfg.p_noise, std, draw_seed(gen))
 
     def apply(self, image: Tensor, label: Tensor | None, params: NoiseParams) -> tuple[Tensor, Tensor | None]:
         if not params.active or params.std == 0:
@@ -294,31 +281,6 @@ class GaussianNoise:
         g.manual_seed(params.seed)
         noise = torch.randn(image.shape, generator=g, device=image.device, dtype=torch.float32)
         return image + (noise * params.std).to(image.dtype), label
-
-
-def _gaussian_kernel1d(sigma: float, device: torch.device) -> Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
-    """Separable Gaussian blur of ``(C, X, Y, Z)`` with one sigma (voxels) per channel; replicate border."""
-    out = []
-    for c, s in enumerate(sigmas):
-        v = image[c : c + 1].unsqueeze(0).float()  # (1, 1, X, Y, Z)
-        if s > 0:
-            k = _gaussian_kernel1d(s, image.device)
-            r = (len(k) - 1) // 2
-            for ax in range(3):
-                shape = [1, 1, 1, 1, 1]
-                shape[2 + ax] = len(k)
-                pad = [0, 0, 0, 0, 0, 0]
-                pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
-                v = F.conv3d(F.pad(v, pad, mode="replicate"), k.reshape(shape))
-        out.append(v[0, 0])
-    return torch.stack(out).to(image.dtype)
 
 
 @dataclass(frozen=True)
@@ -332,13 +294,13 @@ class Blur:
     """Gaussian blur, sigma per channel uniform in ``cfg.blur_sigma`` voxels."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> BlurParams:
-        (u,) = _rand(gen)
-        return BlurParams(u < cfg.p_blur, tuple(_uniform(gen, *cfg.blur_sigma, shape[0])))
+        (u,) = uniforms(gen, 1)
+        return BlurParams(u < cfg.p_blur, tuple(uniforms(gen, shape[0], *cfg.blur_sigma)))
 
     def apply(self, image: Tensor, label: Tensor | None, params: BlurParams) -> tuple[Tensor, Tensor | None]:
         if not params.active:
             return image, label
-        return gaussian_blur(image, params.sigmas), label
+        return gaussian_blur(image, params.sigmas, "sampled"), label
 
 
 @dataclass(frozen=True)
@@ -352,8 +314,8 @@ class LowResolution:
     """Simulate low resolution: nearest downsampling by ``zoom`` then trilinear upsampling."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> LowResParams:
-        (u,) = _rand(gen)
-        (z,) = _uniform(gen, *cfg.lowres_zoom)
+        (u,) = uniforms(gen, 1)
+        (z,) = uniforms(gen, 1, *cfg.lowres_zoom)
         return LowResParams(u < cfg.p_lowres, z)
 
     def apply(
@@ -383,10 +345,10 @@ class Gamma:
     draws take gamma < 1 from ``[lo, 1)``, half > 1 from ``[1, hi]`` (nnU-Net)."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> GammaParams:
-        u, inv = _rand(gen, 2)
+        u, inv = uniforms(gen, 2)
         lo, hi = cfg.gamma_range
         gammas = []
-        for side, t in zip(_rand(gen, shape[0]), _rand(gen, shape[0]), strict=True):
+        for side, t in zip(uniforms(gen, shape[0]), uniforms(gen, shape[0]), strict=True):
             if side < 0.5 and lo < 1.0:
                 gammas.append(lo + (min(1.0, hi) - lo) * t)
             else:
@@ -421,7 +383,7 @@ class Flip:
     """Mirror each spatial axis with probability ``cfg.p_flip`` (exact, no interpolation)."""
 
     def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> FlipParams:
-        u = _rand(gen, 3)
+        u = uniforms(gen, 3)
         return FlipParams((u[0] < cfg.p_flip, u[1] < cfg.p_flip, u[2] < cfg.p_flip))
 
     def apply(self, image: Tensor, label: Tensor | None, params: FlipParams) -> tuple[Tensor, Tensor | None]:
@@ -492,7 +454,6 @@ __all__ = [
     "apply_augment",
     "apply_spatial",
     "augment_batch",
-    "gaussian_blur",
     "register",
     "sample_augment",
 ]
