@@ -8,6 +8,8 @@ them in the same commit and says why in its message and the CHANGELOG:
 
 Floating-point results depend on the CPU's kernels, so the digests hold for the torch version and CPU
 capability they were recorded with (stored beside them); on another platform the test skips and says so.
+They also depend on the number of intra-op threads (how reductions are split), so the guard trains with
+:data:`THREADS` threads whatever the machine has.
 The micro cohort: 3 labelled and 2 unlabelled phantoms (2 mm, 32x32x24 voxels) trained at 4 mm, the
 synthetic engine's real pools (1-2 cases) and a 4-step translator; a longitudinal cohort of 3 synthetic
 patients with 2 visits each covers ISM's visit pairs.
@@ -31,6 +33,8 @@ from menseg.train.trainer import train
 DIGESTS = Path(__file__).with_name("weight_digests.json")
 RECORD = os.environ.get("MENSEG_RECORD_DIGESTS") == "1"
 STEPS = 20
+#: intra-op threads of the guard's runs (the digests were recorded with 2)
+THREADS = 2
 
 #: One budget for every config: the configs keep their own parts, augmentation and schedules.
 MICRO = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16,16,16]",
@@ -76,6 +80,14 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synth_dataset(root / "longitudinal", 3, "longitudinal", seed=1, cfg=with_spacing(SynthConfig(), 4.0),
                   visits=2, device="cpu")
     return root
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
