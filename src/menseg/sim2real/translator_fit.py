@@ -27,6 +27,7 @@ from menseg.data.sampling import choose_start, crop_pad, foreground_coords
 from menseg.device import resolve_device
 from menseg.errors import MensegError
 from menseg.evaluate.metrics import dice
+from menseg.nets.losses import RegionDiceBCELoss
 from menseg.regions import labels_to_regions
 from menseg.sim2real.translator_io import (
     CONFIG_FILE,
@@ -67,19 +68,6 @@ LOCK_WHAT = "translator"
 
 
 # ---------------------------------------------------------------- losses
-
-
-class _SegLoss(nn.Module):
-    """Dice (sigmoid, batch) + BCE on region logits ``(B, 3, ...)`` vs binary targets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from monai.losses import DiceLoss
-
-        self.dice = DiceLoss(sigmoid=True, batch=True)
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return self.dice(logits, target) + fnn.binary_cross_entropy_with_logits(logits, target)
 
 
 def _recon_loss(x: Tensor, target: Tensor) -> Tensor:
@@ -297,7 +285,7 @@ def _fit_locked(
     opt_d = torch.optim.Adam([*D_real.parameters(), *D_syn.parameters()], lr=cfg.lr, betas=betas)
     opt_s = torch.optim.Adam(S.parameters(), lr=cfg.lr, betas=betas)
     opts = {"opt_G": opt_g, "opt_D": opt_d, "opt_S": opt_s}
-    seg_loss = _SegLoss()
+    seg_loss = RegionDiceBCELoss()  # the segmentation trainer's loss: batch Dice + BCE on the regions
 
     start, elapsed = 0, 0.0
     if state is not None:
