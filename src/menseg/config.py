@@ -59,7 +59,7 @@ class AugConfig:
     p_scale: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)
     p_elastic: float = 0.1
-    elastic_magnitude_mm: float = 4.0
+    elastic_magnitude_mm: float = 4.0  #: sd of the control-point displacements, mm (voxels = mm / spacing)
     elastic_grid: int = 5  #: control points per axis
     p_gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)

@@ -2,7 +2,7 @@
 
 Every transform is registered in :data:`TRANSFORMS` and splits into
 
-- ``sample_params(gen: torch.Generator, shape, cfg: AugConfig) -> frozen dataclass``:
+- ``sample_params(gen: torch.Generator, shape, cfg: AugConfig, spacing) -> frozen dataclass``:
   all randomness, drawn on the CPU from ``gen`` (a fixed number of draws per
   call, whatever the outcome, so later transforms do not depend on earlier
   coin flips); and
@@ -19,8 +19,9 @@ fuses consecutive spatial transforms into one sampling grid (one affine
 matrix about the patch centre plus an optional smooth displacement field) and
 one ``F.grid_sample`` call (image linear, label nearest), so the patch is
 interpolated only once. Points mapped outside the patch read 0 (the z-scored
-background). Flips are exact ``torch.flip``. Distances are in voxels of the
-preprocessed grid (1 mm at the default spacing).
+background). Flips are exact ``torch.flip``. Lengths named ``_mm`` in :class:`AugConfig` are
+millimetres, turned into voxels of the preprocessed grid with its ``spacing``; the other widths
+(``blur_sigma``) are in voxels.
 
 The pipeline order follows nnU-Net: spatial, intensity (bias, noise, blur,
 low resolution, gamma), then mirroring.
@@ -50,7 +51,9 @@ class Transform(Protocol):
     name: str
     spatial: bool
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> Any: ...
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> Any: ...
 
     def apply(self, image: Tensor, label: Tensor | None, params: Any) -> tuple[Tensor, Tensor | None]: ...
 
@@ -163,7 +166,9 @@ class RotateParams:
 class Rotate(SpatialTransform):
     """Rotation about the patch centre, each axis uniform in ±``cfg.rotate_deg``."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> RotateParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> RotateParams:
         (u,) = uniforms(gen, 1)
         r = math.radians(cfg.rotate_deg)
         a = uniforms(gen, 3, -r, r)
@@ -183,7 +188,9 @@ class ScaleParams:
 class Scale(SpatialTransform):
     """Isotropic scaling about the patch centre, factor uniform in ``cfg.scale_range``."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> ScaleParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> ScaleParams:
         (u,) = uniforms(gen, 1)
         (f,) = uniforms(gen, 1, *cfg.scale_range)
         return ScaleParams(u < cfg.p_scale, f)
@@ -196,19 +203,25 @@ class Scale(SpatialTransform):
 class ElasticParams:
     active: bool
     grid: int  #: control points per axis
-    offsets: tuple[float, ...]  #: (3, grid, grid, grid) control displacements, voxels, C order
+    #: (3, grid, grid, grid) control displacements in voxels of the grid they were drawn for (component
+    #: k along axis k), C order
+    offsets: tuple[float, ...]
 
 
 @register("elastic", spatial=True)
 class Elastic(SpatialTransform):
-    """Smooth random deformation: Gaussian control-point offsets (sd ``elastic_magnitude_mm``
-    voxels) on a ``elastic_grid``^3 lattice, upsampled with cubic-like trilinear smoothing."""
+    """Smooth random deformation: Gaussian control-point offsets (sd ``elastic_magnitude_mm`` mm, so
+    ``elastic_magnitude_mm / spacing`` voxels along each axis) on a ``elastic_grid``^3 lattice, upsampled
+    with cubic-like trilinear smoothing."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> ElasticParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> ElasticParams:
         (u,) = uniforms(gen, 1)
         g = int(cfg.elastic_grid)
-        off = torch.randn(3 * g**3, generator=gen, dtype=torch.float64) * cfg.elastic_magnitude_mm
-        return ElasticParams(u < cfg.p_elastic, g, tuple(off.tolist()))
+        off = torch.randn(3, g**3, generator=gen, dtype=torch.float64) * cfg.elastic_magnitude_mm
+        off = off / torch.tensor([float(v) for v in spacing], dtype=torch.float64)[:, None]  # mm -> voxels
+        return ElasticParams(u < cfg.p_elastic, g, tuple(off.flatten().tolist()))
 
     def displacement(self, params: ElasticParams, shape: Sequence[int], device: torch.device) -> Tensor:
         g = params.grid
@@ -235,7 +248,9 @@ class BiasField:
     """Multiplicative smooth bias field ``exp(poly(x, y, z))`` per channel; coefficients
     uniform in ±``cfg.bias_strength`` (constant term 0)."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> BiasParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> BiasParams:
         (u,) = uniforms(gen, 1)
         c = shape[0]
         vals = uniforms(gen, c * len(_POLY_TERMS), -cfg.bias_strength, cfg.bias_strength)
@@ -269,7 +284,9 @@ class NoiseParams:
 class GaussianNoise:
     """Additive Gaussian noise, sd uniform in ``cfg.noise_std``."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> NoiseParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> NoiseParams:
         (u,) = uniforms(gen, 1)
         (std,) = uniforms(gen, 1, *cfg.noise_std)
         return NoiseParams(u < cfg.p_noise, std, draw_seed(gen))
@@ -293,7 +310,9 @@ class BlurParams:
 class Blur:
     """Gaussian blur, sigma per channel uniform in ``cfg.blur_sigma`` voxels."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> BlurParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> BlurParams:
         (u,) = uniforms(gen, 1)
         return BlurParams(u < cfg.p_blur, tuple(uniforms(gen, shape[0], *cfg.blur_sigma)))
 
@@ -313,7 +332,9 @@ class LowResParams:
 class LowResolution:
     """Simulate low resolution: nearest downsampling by ``zoom`` then trilinear upsampling."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> LowResParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> LowResParams:
         (u,) = uniforms(gen, 1)
         (z,) = uniforms(gen, 1, *cfg.lowres_zoom)
         return LowResParams(u < cfg.p_lowres, z)
@@ -344,7 +365,9 @@ class Gamma:
     """Gamma on each channel rescaled to [0, 1] and back (range preserved). Half the
     draws take gamma < 1 from ``[lo, 1)``, half > 1 from ``[1, hi]`` (nnU-Net)."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> GammaParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> GammaParams:
         u, inv = uniforms(gen, 2)
         lo, hi = cfg.gamma_range
         gammas = []
@@ -382,7 +405,9 @@ class FlipParams:
 class Flip:
     """Mirror each spatial axis with probability ``cfg.p_flip`` (exact, no interpolation)."""
 
-    def sample_params(self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig) -> FlipParams:
+    def sample_params(
+        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
+    ) -> FlipParams:
         u = uniforms(gen, 3)
         return FlipParams((u[0] < cfg.p_flip, u[1] < cfg.p_flip, u[2] < cfg.p_flip))
 
@@ -407,11 +432,14 @@ class AugParams:
 
 
 def sample_augment(
-    gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, names: Sequence[str] | None = None
+    gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float],
+    names: Sequence[str] | None = None,
 ) -> AugParams:
-    """Draw parameters of every registered transform (or ``names``), in pipeline order."""
+    """Draw parameters of every registered transform (or ``names``), in pipeline order, for a patch of
+    ``shape`` on a grid of ``spacing`` mm (lengths in mm, such as ``elastic_magnitude_mm``, become voxels)."""
     chosen = [n for n in TRANSFORMS if names is None or n in names]
-    return AugParams(tuple((n, TRANSFORMS[n].sample_params(gen, tuple(shape), cfg)) for n in chosen))
+    sp = tuple(float(v) for v in spacing)
+    return AugParams(tuple((n, TRANSFORMS[n].sample_params(gen, tuple(shape), cfg, sp)) for n in chosen))
 
 
 def apply_augment(image: Tensor, label: Tensor | None, params: AugParams) -> tuple[Tensor, Tensor | None]:
@@ -435,13 +463,14 @@ def apply_augment(image: Tensor, label: Tensor | None, params: AugParams) -> tup
 
 
 def augment_batch(
-    images: Tensor, labels: Tensor, cfg: AugConfig, seeds: Sequence[int]
+    images: Tensor, labels: Tensor, cfg: AugConfig, seeds: Sequence[int], spacing: Sequence[float]
 ) -> tuple[Tensor, Tensor]:
-    """Augment a batch ``(B, C, X, Y, Z)``, ``(B, X, Y, Z)``; sample ``b`` uses ``seeds[b]``."""
+    """Augment a batch ``(B, C, X, Y, Z)``, ``(B, X, Y, Z)`` on a grid of ``spacing`` mm; sample ``b`` uses
+    ``seeds[b]``."""
     outs_i, outs_l = [], []
     for b in range(images.shape[0]):
         gen = torch.Generator().manual_seed(int(seeds[b]))
-        p = sample_augment(gen, images.shape[1:], cfg)
+        p = sample_augment(gen, images.shape[1:], cfg, spacing)
         i, lab = apply_augment(images[b], labels[b], p)
         outs_i.append(i)
         outs_l.append(lab)

@@ -131,7 +131,8 @@ class ISMStep:
             imgs.append(torch.from_numpy(np.ascontiguousarray(img)))
             labs.append(torch.from_numpy(np.ascontiguousarray(lab)))
         seeds = [derive_seed(self.cfg.train.seed, "aug-partner", step, b) for b, _ in rows]
-        ai, al = augment_batch(torch.stack(imgs), torch.stack(labs), self.cfg.aug, seeds)
+        ai, al = augment_batch(torch.stack(imgs), torch.stack(labs), self.cfg.aug, seeds,
+                               self.cfg.data.spacing)
         xb = torch.zeros_like(like)
         yb = torch.zeros(like.shape[0], *like.shape[2:], dtype=al.dtype, device=like.device)
         for k, (b, _) in enumerate(rows):

@@ -292,7 +292,7 @@ class AlignStep:
         x = torch.from_numpy(np.stack(patches)).to(device)
         seeds = [derive_seed(seed, "aug-align", step, b) for b in range(x.shape[0])]
         x, _ = augment_batch(x, torch.zeros((x.shape[0], *x.shape[2:]), dtype=torch.uint8, device=device),
-                             self.cfg.aug, seeds)
+                             self.cfg.aug, seeds, self.cfg.data.spacing)
         net, stem = _encoder(self.model)
         feats = encode(net, x, stem, stop=max(ac.levels))  # type: ignore[arg-type]
         n = ac.batch_size

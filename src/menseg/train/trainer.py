@@ -431,7 +431,7 @@ def _train(
             img = img.to(device, non_blocking=True)
             lab = lab.to(device, non_blocking=True)
             seeds = [derive_seed(tc.seed, "aug", step, b) for b in part]  # global sample index
-            img, lab = augment_batch(img, lab, cfg.aug, seeds)
+            img, lab = augment_batch(img, lab, cfg.aug, seeds, cfg.data.spacing)
             if tc.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last_3d)
             known = None
