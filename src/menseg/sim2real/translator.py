@@ -58,7 +58,10 @@ Fit folder::
 
     config.json      TranslatorConfig (+ seed, spacing)
     metrics.jsonl    one line per step
-    latest.pt        full state every checkpoint_every steps (all networks and optimisers)
+    latest.pt        full state every checkpoint_every steps (all networks and optimisers), with its
+                     .sha256; the one before is kept as latest.prev.pt, and a resume falls back to it
+                     (warning) when latest.pt is damaged
+    .lock            held by the fitting process: a second fitter on the folder fails at once
     translator.pt    final: {"generator", "segmenter", "config", "seed", "spacing", ...}
     preview/step_<nnnnnn>.png
 """
