@@ -49,6 +49,7 @@ from menseg.draws import draw_seed
 from menseg.errors import MensegError
 from menseg.filters import binomial_pass
 from menseg.kmeans import kmeans_1d
+from menseg.synth import tissues as T
 from menseg.synth.lesion import (
     EXISTING,
     LesionConfig,
@@ -61,22 +62,6 @@ from menseg.synth.lesion import (
     u32,
 )
 from menseg.synth.serial import from_dict, to_plain
-from menseg.synth.tissues import (
-    BACKGROUND,
-    CALCIFICATION,
-    CSF,
-    CYST,
-    DURA,
-    DURAL_TAIL,
-    GM,
-    LESION,
-    N_TISSUES,
-    NECROSIS,
-    OEDEMA,
-    TUMOUR,
-    WM,
-    tissue_to_label,
-)
 from menseg.utils import derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
@@ -118,19 +103,19 @@ def _pseudo_tissue(image: torch.Tensor, label: torch.Tensor | None) -> tuple[tor
     step = max(1, vals.numel() // 200_000)
     c = kmeans_1d(vals[::step].float(), 3, 12, quantiles=(0.1, 0.5, 0.9), until_settled=False)
     b1, b2 = (c[0] + c[1]) / 2, (c[1] + c[2]) / 2
-    tissue = torch.full(t1n.shape, BACKGROUND, dtype=torch.int64, device=image.device)
-    tissue[brain & (t1n < b1)] = CSF
-    tissue[brain & (t1n >= b1) & (t1n < b2)] = GM
-    tissue[brain & (t1n >= b2)] = WM
-    tissue[brain & dilate6(~brain)] = DURA
+    tissue = torch.full(t1n.shape, T.BACKGROUND, dtype=torch.int64, device=image.device)
+    tissue[brain & (t1n < b1)] = T.CSF
+    tissue[brain & (t1n >= b1) & (t1n < b2)] = T.GM
+    tissue[brain & (t1n >= b2)] = T.WM
+    tissue[brain & dilate6(~brain)] = T.DURA
     if label is not None:
         tissue[label > 0] = EXISTING
     stats = []
-    for cls in (WM, GM, CSF):
+    for cls in (T.WM, T.GM, T.CSF):
         m = tissue == cls
         stats.append(torch.stack([image[k][m].mean() if bool(m.any()) else image[k][brain].mean()
                                   for k in range(image.shape[0])]))
-    m = tissue == WM
+    m = tissue == T.WM
     sd = torch.stack([image[k][m].std() if int(m.sum()) > 1 else torch.tensor(0.0)
                       for k in range(image.shape[0])])
     q = []
@@ -153,10 +138,10 @@ def sample_injection_params(gen: torch.Generator, cfg: LesionConfig, tissue: tor
 
     k = [max(1, math.ceil(margin_mm / s)) for s in spacing]
     near = _box_dilate(tissue == EXISTING, k)
-    rim = (tissue == DURA) & ~near
+    rim = (tissue == T.DURA) & ~near
     if not bool(rim.any()):
         raise ValueError("no free brain rim left to place a lesion on")
-    brain = (tissue != BACKGROUND) & (tissue != DURA)
+    brain = (tissue != T.BACKGROUND) & (tissue != T.DURA)
     one = LesionConfig(**{**cfg.__dict__, "multiple_prob": 0.0})
     lp = sample_lesion_params(gen, one, _A(tissue, {"dura": rim}, brain), spacing)
     contrast = (
@@ -179,7 +164,8 @@ def _lesion_intensities(st: _ScanStats, ip: InjectionParams) -> dict[int, torch.
     necrosis = torch.stack([gm[0] * 0.75, gm[1] * 0.8, gm[2] * 1.1, (gm[3] + csf[3]) / 2])
     calc = torch.stack([wm[0] * 0.4, wm[1] * 0.4, wm[2] * 0.4, wm[3] * 0.4])  # T1/T2 hypointense (FACTS §1)
     tail = torch.stack([et[0] * tail_f, gm[1], gm[2], gm[3]])  # tail enhances >= tumour (Goldsher)
-    return {TUMOUR: et, OEDEMA: oed, CYST: cyst, NECROSIS: necrosis, CALCIFICATION: calc, DURAL_TAIL: tail}
+    return {T.TUMOUR: et, T.OEDEMA: oed, T.CYST: cyst, T.NECROSIS: necrosis, T.CALCIFICATION: calc,
+            T.DURAL_TAIL: tail}
 
 
 def _box_dilate(mask: torch.Tensor, half: list[int]) -> torch.Tensor:
@@ -255,7 +241,7 @@ def inject_into_image(
             out[(slice(None), *sl)] = torch.where(m[None], warped, out[(slice(None), *sl)])
             lab[sl] = torch.where(m, lab_src, lab[sl])
             influence[sl] |= m
-    painted = (res.tissue != tissue) & torch.isin(res.tissue, torch.tensor(LESION, device=tissue.device))
+    painted = (res.tissue != tissue) & torch.isin(res.tissue, torch.tensor(T.LESION, device=tissue.device))
     if bool(painted.any()):
         vals = _lesion_intensities(st, params)
         g = torch.Generator().manual_seed(params.texture_seed)
@@ -268,7 +254,7 @@ def inject_into_image(
             if not bool(m.any()):
                 continue
             tex = v[:, None] * (1 + 0.08 * low[m])[None] + 0.5 * st.sd[:, None] * noise[m][None]
-            if cls == OEDEMA:  # keep the scan's texture, shift its level (vasogenic oedema in WM)
+            if cls == T.OEDEMA:  # keep the scan's texture, shift its level (vasogenic oedema in WM)
                 tex = out[:, m] * (v / st.wm.clamp_min(1e-6))[:, None]
             les_img[:, m] = tex
         # blur only in the painted box + 1 voxel: zero outside it, so equal to a full-volume blur
@@ -284,8 +270,8 @@ def inject_into_image(
         blended = out[(slice(None), *bs)] * (1 - den) + num
         out[(slice(None), *bs)] = torch.where(keep[bs][None], blended, out[(slice(None), *bs)])
         influence |= keep
-        healthy = torch.where(res.tissue >= N_TISSUES, torch.zeros_like(res.tissue), res.tissue)
-        new_lab = tissue_to_label(healthy)
+        healthy = torch.where(res.tissue >= T.N_TISSUES, torch.zeros_like(res.tissue), res.tissue)
+        new_lab = T.tissue_to_label(healthy)
         lab = torch.where(painted, new_lab, lab)
     out = torch.where(brain[None], out, image)
     if return_influence:

@@ -43,6 +43,9 @@ from menseg.filters import gaussian_blur
 from menseg.geometry import rotation_matrix
 
 Tensor = torch.Tensor
+Generator = torch.Generator
+Shape = Sequence[int]  #: an image's ``(C, X, Y, Z)``
+Spacing = Sequence[float]  #: mm per voxel along x, y, z
 
 
 class Transform(Protocol):
@@ -51,9 +54,7 @@ class Transform(Protocol):
     name: str
     spatial: bool
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> Any: ...
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> Any: ...
 
     def apply(self, image: Tensor, label: Tensor | None, params: Any) -> tuple[Tensor, Tensor | None]: ...
 
@@ -166,9 +167,7 @@ class RotateParams:
 class Rotate(SpatialTransform):
     """Rotation about the patch centre, each axis uniform in ±``cfg.rotate_deg``."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> RotateParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> RotateParams:
         (u,) = uniforms(gen, 1)
         r = math.radians(cfg.rotate_deg)
         a = uniforms(gen, 3, -r, r)
@@ -188,9 +187,7 @@ class ScaleParams:
 class Scale(SpatialTransform):
     """Isotropic scaling about the patch centre, factor uniform in ``cfg.scale_range``."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> ScaleParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> ScaleParams:
         (u,) = uniforms(gen, 1)
         (f,) = uniforms(gen, 1, *cfg.scale_range)
         return ScaleParams(u < cfg.p_scale, f)
@@ -214,9 +211,7 @@ class Elastic(SpatialTransform):
     ``elastic_magnitude_mm / spacing`` voxels along each axis) on a ``elastic_grid``^3 lattice, upsampled
     with cubic-like trilinear smoothing."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> ElasticParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> ElasticParams:
         (u,) = uniforms(gen, 1)
         g = int(cfg.elastic_grid)
         off = torch.randn(3, g**3, generator=gen, dtype=torch.float64) * cfg.elastic_magnitude_mm
@@ -248,9 +243,7 @@ class BiasField:
     """Multiplicative smooth bias field ``exp(poly(x, y, z))`` per channel; coefficients
     uniform in ±``cfg.bias_strength`` (constant term 0)."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> BiasParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> BiasParams:
         (u,) = uniforms(gen, 1)
         c = shape[0]
         vals = uniforms(gen, c * len(_POLY_TERMS), -cfg.bias_strength, cfg.bias_strength)
@@ -284,9 +277,7 @@ class NoiseParams:
 class GaussianNoise:
     """Additive Gaussian noise, sd uniform in ``cfg.noise_std``."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> NoiseParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> NoiseParams:
         (u,) = uniforms(gen, 1)
         (std,) = uniforms(gen, 1, *cfg.noise_std)
         return NoiseParams(u < cfg.p_noise, std, draw_seed(gen))
@@ -310,9 +301,7 @@ class BlurParams:
 class Blur:
     """Gaussian blur, sigma per channel uniform in ``cfg.blur_sigma`` voxels."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> BlurParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> BlurParams:
         (u,) = uniforms(gen, 1)
         return BlurParams(u < cfg.p_blur, tuple(uniforms(gen, shape[0], *cfg.blur_sigma)))
 
@@ -332,9 +321,7 @@ class LowResParams:
 class LowResolution:
     """Simulate low resolution: nearest downsampling by ``zoom`` then trilinear upsampling."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> LowResParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> LowResParams:
         (u,) = uniforms(gen, 1)
         (z,) = uniforms(gen, 1, *cfg.lowres_zoom)
         return LowResParams(u < cfg.p_lowres, z)
@@ -365,9 +352,7 @@ class Gamma:
     """Gamma on each channel rescaled to [0, 1] and back (range preserved). Half the
     draws take gamma < 1 from ``[lo, 1)``, half > 1 from ``[1, hi]`` (nnU-Net)."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> GammaParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> GammaParams:
         u, inv = uniforms(gen, 2)
         lo, hi = cfg.gamma_range
         gammas = []
@@ -405,9 +390,7 @@ class FlipParams:
 class Flip:
     """Mirror each spatial axis with probability ``cfg.p_flip`` (exact, no interpolation)."""
 
-    def sample_params(
-        self, gen: torch.Generator, shape: Sequence[int], cfg: AugConfig, spacing: Sequence[float]
-    ) -> FlipParams:
+    def sample_params(self, gen: Generator, shape: Shape, cfg: AugConfig, spacing: Spacing) -> FlipParams:
         u = uniforms(gen, 3)
         return FlipParams((u[0] < cfg.p_flip, u[1] < cfg.p_flip, u[2] < cfg.p_flip))
 
