@@ -48,9 +48,9 @@ from menseg.errors import MensegError
 from menseg.ism.modal import sample_presence
 from menseg.ism.model import ISMNet
 from menseg.ism.spatial import FieldBatch, gather_partner, keep_own, mix_targets, sample_field_batch
+from menseg.regions import labels_to_regions
 from menseg.train.augment import augment_batch
 from menseg.train.batches import StepBatches, split_cases
-from menseg.train.losses import labels_to_regions
 from menseg.train.parts import Part, TrainSetup, register
 from menseg.utils import derive_seed
 

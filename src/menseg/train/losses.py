@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from menseg.nets import losses as _nets
 from menseg.nets.losses import deep_supervision_weights, soft_dice_loss
-from menseg.regions import labels_to_regions  # re-exported: train.ism imports it from here
+from menseg.regions import labels_to_regions  # re-exported for code written against menseg <= 0.1
 
 
 class RegionDiceBCELoss(_nets.RegionDiceBCELoss):
