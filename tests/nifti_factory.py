@@ -94,3 +94,17 @@ def truncate(path: Path, keep_fraction: float = 0.6) -> Path:
     raw = path.read_bytes()
     path.write_bytes(raw[: int(len(raw) * keep_fraction)])
     return path
+
+
+def write_phantom_pools(root: Path, n_labelled: int) -> Path:
+    """``root/labeled`` (``n_labelled`` phantoms, 2 mm, 32x32x24) and ``root/unlabeled`` (2 phantoms of
+    another seed, their labels removed): the real cases of a small Sim2Real run."""
+    from menseg.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(root / "labeled", n_cases=n_labelled, shape=(32, 32, 24), spacing=(2.0, 2.0, 2.0),
+                          seed=4)
+    write_phantom_dataset(root / "unlabeled", n_cases=2, shape=(32, 32, 24), spacing=(2.0, 2.0, 2.0), seed=9,
+                          prefix="UNLAB")
+    for seg in (root / "unlabeled").glob("*/*-seg.nii.gz"):
+        seg.unlink()
+    return root

@@ -13,7 +13,8 @@ from menseg.nets.losses import (
 from menseg.regions import labels_to_regions
 
 
-def _label() -> torch.Tensor:
+def label_batch() -> torch.Tensor:
+    """Two 8^3 label maps with every label, nested (also used by test_regions)."""
     lab = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
     lab[0, 1:5, 1:5, 1:5] = 2
     lab[0, 2:4, 2:4, 2:4] = 3
@@ -23,12 +24,12 @@ def _label() -> torch.Tensor:
 
 
 def test_perfect_logits_near_zero_and_wrong_high() -> None:
-    target = labels_to_regions(_label())
+    target = labels_to_regions(label_batch())
     perfect = (target * 2 - 1) * 30
     assert soft_dice_loss(perfect, target).item() < 1e-6
     loss = RegionDiceBCELoss()
-    assert loss(perfect, _label()).item() < 1e-6
-    assert loss(-perfect, _label()).item() > 1.0
+    assert loss(perfect, label_batch()).item() < 1e-6
+    assert loss(-perfect, label_batch()).item() > 1.0
     # Sample-wise Dice: sample 1 has no ET, a perfect prediction still scores ~0.
     assert soft_dice_loss(perfect, target, batch_dice=False).item() < 1e-6
 
@@ -48,7 +49,7 @@ def test_deep_supervision_weights() -> None:
 
 
 def test_deep_supervision_stacked_and_list() -> None:
-    lab = _label()
+    lab = label_batch()
     target = labels_to_regions(lab)
     perfect = (target * 2 - 1) * 30
     loss = RegionDiceBCELoss()
@@ -71,7 +72,7 @@ def test_trainer_loss_is_the_nets_loss_with_its_ddp_switch() -> None:
     from menseg.train import losses as train_losses
 
     logits = torch.randn(2, 3, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    lab = _label()
+    lab = label_batch()
     trainer_loss = train_losses.RegionDiceBCELoss(across_ranks=False)
     assert isinstance(trainer_loss, nets_losses.RegionDiceBCELoss) and trainer_loss._pool is None
     assert torch.equal(trainer_loss(logits, lab), nets_losses.RegionDiceBCELoss()(logits, lab))

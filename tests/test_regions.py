@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from menseg.regions import labels_to_regions, region_masks, regions_to_labels
+from test_losses import label_batch
 
 
 def test_region_masks_nested():
@@ -18,21 +19,12 @@ def test_region_masks_nested():
     assert m["WT"].ravel().tolist() == [False, True, True, True]
 
 
-def _label() -> torch.Tensor:
-    lab = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
-    lab[0, 1:5, 1:5, 1:5] = 2
-    lab[0, 2:4, 2:4, 2:4] = 3
-    lab[0, 2, 2, 2] = 1
-    lab[1, 4:8, 4:8, 0:3] = 1
-    return lab
-
-
 def test_labels_to_regions_nested() -> None:
-    r = labels_to_regions(_label())
+    r = labels_to_regions(label_batch())
     assert r.shape == (2, 3, 8, 8, 8) and r.dtype == torch.float32
     et, tc, wt = r[:, 0], r[:, 1], r[:, 2]
     assert (et <= tc).all() and (tc <= wt).all()
-    lab = _label()
+    lab = label_batch()
     assert torch.equal(et.bool(), lab == 3)
     assert torch.equal(tc.bool(), (lab == 1) | (lab == 3))
     assert torch.equal(wt.bool(), lab > 0)
@@ -63,7 +55,7 @@ def test_regions_to_labels_nested_painting() -> None:
 
 
 def test_regions_to_labels_keeps_the_array_kind_and_axis() -> None:
-    lab = _label()
+    lab = label_batch()
     back = regions_to_labels(labels_to_regions(lab), axis=1)
     assert isinstance(back, torch.Tensor) and back.dtype == torch.uint8
     assert torch.equal(back, lab)

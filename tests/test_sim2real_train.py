@@ -10,7 +10,7 @@ import torch
 
 from menseg.checkpoint import load_checkpoint
 from menseg.config import Config, load_config, with_overrides
-from menseg.data.phantom import make_phantom_case, write_phantom_dataset
+from menseg.data.phantom import make_phantom_case
 from menseg.errors import MensegError
 from menseg.synth.inject import inject_arrays
 from menseg.synth.lesion import LesionConfig
@@ -19,6 +19,7 @@ from menseg.train.losses import RegionDiceBCELoss
 from menseg.train.sim2real import UNKNOWN, inject_pool, known_mask, sample_sources, source_shares
 from menseg.train.trainer import train
 from menseg.utils import derive_seed
+from nifti_factory import write_phantom_pools
 
 TINY = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16,16,16]",
         "train.batch_size=2", "train.val_every=100", "train.checkpoint_every=2", "train.seed=3",
@@ -128,11 +129,7 @@ def test_masked_voxels_do_not_change_the_loss() -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("s2r-phantoms")
-    write_phantom_dataset(root / "labeled", n_cases=2, shape=(32, 32, 24), spacing=(2.0, 2.0, 2.0), seed=4)
-    write_phantom_dataset(root / "unlabeled", n_cases=2, shape=(32, 32, 24), spacing=(2.0, 2.0, 2.0), seed=9,
-                          prefix="UNLAB")
-    for seg in (root / "unlabeled").glob("*/*-seg.nii.gz"):
-        seg.unlink()
+    write_phantom_pools(root, n_labelled=2)
     return root
 
 

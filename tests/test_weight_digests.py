@@ -27,8 +27,8 @@ import torch
 
 from menseg.checkpoint import load_checkpoint
 from menseg.config import PACKAGED_CONFIGS, load_config, packaged_config_names
-from menseg.data.phantom import write_phantom_dataset
 from menseg.train.trainer import train
+from nifti_factory import write_phantom_pools
 
 DIGESTS = Path(__file__).with_name("weight_digests.json")
 RECORD = os.environ.get("MENSEG_RECORD_DIGESTS") == "1"
@@ -72,11 +72,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from menseg.synth.engine import SynthConfig, synth_dataset, with_spacing
 
     root = tmp_path_factory.mktemp("micro-cohort")
-    write_phantom_dataset(root / "labeled", n_cases=3, shape=(32, 32, 24), spacing=(2.0, 2.0, 2.0), seed=4)
-    write_phantom_dataset(root / "unlabeled", n_cases=2, shape=(32, 32, 24), spacing=(2.0, 2.0, 2.0), seed=9,
-                          prefix="UNLAB")
-    for seg in (root / "unlabeled").glob("*/*-seg.nii.gz"):
-        seg.unlink()
+    write_phantom_pools(root, n_labelled=3)
     synth_dataset(root / "longitudinal", 3, "longitudinal", seed=1, cfg=with_spacing(SynthConfig(), 4.0),
                   visits=2, device="cpu")
     return root
