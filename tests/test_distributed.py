@@ -136,7 +136,7 @@ def test_single_process_helpers_are_identities() -> None:
 def test_two_gloo_processes_match_one_process_with_the_combined_batch(data: Path, tmp_path: Path) -> None:
     common = [f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}", *TINY, f"train.steps={STEPS}",
               "train.batch_size=2", "train.val_every=2", "data.val_fraction=0.34", "train.seed=11",
-              "train.lr=0.02"]
+              "train.lr=0.02", "train.amp=false"]  # fp32: bf16 rounding would hide the exactness measured
     one, two = tmp_path / "one", tmp_path / "two"
     _menseg("train", "baseline", *common, f"out_dir={one}")
     proc = _menseg("train", "baseline", *common, f"out_dir={two}", "--nproc", "2")
@@ -191,9 +191,15 @@ def test_ism_and_sim2real_train_under_ddp(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- precision, memory format, compile
 
 
-def test_amp_setup_follows_amp_and_amp_dtype() -> None:
+def test_amp_setup_follows_amp_and_amp_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    import menseg.infer.sliding as sliding
+
     cpu = torch.device("cpu")
-    assert amp_setup(load_config("baseline"), cpu) == (None, None)  # auto on CPU: fp32
+    monkeypatch.setattr(sliding, "bf16_is_fast", lambda device: False)
+    assert amp_setup(load_config("baseline"), cpu) == (None, None)  # auto on a CPU without bf16: fp32
+    monkeypatch.setattr(sliding, "bf16_is_fast", lambda device: device.type == "cpu")
+    assert amp_setup(load_config("baseline"), cpu) == (torch.bfloat16, None)  # native bf16: autocast
+    monkeypatch.undo()
     assert amp_setup(load_config("baseline", ["train.amp_dtype=bf16"]), cpu) == (torch.bfloat16, None)
     dtype, scaler = amp_setup(load_config("baseline", ["train.amp_dtype=fp16"]), cpu)
     assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)

@@ -261,3 +261,29 @@ def test_keep_tumour_mix_keeps_the_own_lesion_and_partners_bring_tumour() -> Non
     # partner_fg = 1: every location partner is centred on tumour
     xb_lab = [step._location(0, b, b)[1] for b in range(2)]
     assert all((p > 0).any() for p in xb_lab)
+
+
+def test_bf16_autocast_keeps_mixed_targets_in_fp32(data: Path, longitudinal: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast (native on some CPUs, the default there) the network runs in bf16 but the soft
+    targets of spatial mixing and the interpolated labels of temporal mixing stay fp32 / integer: a bf16
+    field rounds mixing weights to 8 bits, and numpy cannot read bf16 label fields at all."""
+    import menseg.train.losses as losses
+
+    seen: list[torch.dtype] = []
+    forward = losses.RegionDiceBCELoss.forward
+
+    def spy(self, outputs, target, mask=None):  # type: ignore[no-untyped-def]
+        seen.append(target.dtype)
+        return forward(self, outputs, target, mask)
+
+    monkeypatch.setattr(losses.RegionDiceBCELoss, "forward", spy)
+    train(_cfg(data, tmp_path / "spatial", "train.amp_dtype=bf16", steps=2), progress=False)
+    assert seen and all(d == torch.float32 for d in seen)  # p = 1: every step mixed, soft targets
+    seen.clear()
+    cfg = load_config("ism", [f"data={longitudinal}", f"out_dir={tmp_path / 'visits'}", "train.steps=2",
+                              *TINY,
+                              "data.spacing=[4,4,4]", "ism.temporal.p_mix=1.0", "data.val_fraction=0",
+                              "train.amp_dtype=bf16"])
+    train(cfg, progress=False)
+    assert seen and all(not d.is_floating_point for d in seen)  # interpolated integer labels

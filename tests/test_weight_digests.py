@@ -40,6 +40,7 @@ THREADS = 2
 MICRO = ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.patch_size=[16,16,16]",
          "train.batch_size=2", f"train.steps={STEPS}", "train.val_every=1000", "train.checkpoint_every=10",
          "train.seed=7", "data.val_fraction=0", "data.spacing=[4.0,4.0,4.0]",
+         "train.amp=false",  # fp32 everywhere: bf16 autocast depends on the CPU (the digests predate it)
          "ism.spatial.levels=[1]", "ism.temporal.level=1", "ism.n_synthetic=1",
          "sim2real.n_synthetic=2", "sim2real.align.levels=[1,2]", "sim2real.inject.per_scan=1",
          "sim2real.translator.steps=4", "sim2real.translator.patch_size=[16,16,16]",

@@ -94,8 +94,9 @@ class TrainConfig:
     val_every: int = 250
     checkpoint_every: int = 50
     amp: bool = True  #: mixed precision (autocast), see ``amp_dtype``
-    #: auto | bf16 | fp16. auto: bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU.
-    #: bf16 / fp16 autocast the CPU too (fp16 with a loss scaler), e.g. to test the paths without a GPU.
+    #: auto | bf16 | fp16. auto: bf16 where it is native (CUDA with bf16; CPUs with AVX512-BF16 / AMX,
+    #: 1.8x faster steps than fp32 on such a 2-core CPU), else fp16 with loss scaling on CUDA and fp32 on
+    #: the CPU. bf16 / fp16 autocast any CPU (fp16 with a loss scaler), e.g. to test the paths.
     amp_dtype: str = "auto"
     channels_last: bool = False  #: channels_last_3d memory format for the network and its inputs
     #: off | default | reduce-overhead | max-autotune (torch.compile of the network's forward, in place,

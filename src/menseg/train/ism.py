@@ -51,7 +51,7 @@ from menseg.ism.spatial import FieldBatch, gather_partner, keep_own, mix_targets
 from menseg.regions import labels_to_regions
 from menseg.train.augment import augment_batch
 from menseg.train.batches import StepBatches, split_cases
-from menseg.train.parts import Part, TrainSetup, register
+from menseg.train.parts import Part, TrainSetup, full_precision, register
 from menseg.utils import derive_seed
 
 log = logging.getLogger(__name__)
@@ -159,20 +159,21 @@ class ISMStep:
         stats["ism_mixed"] = float(sum(f is not None for f in fb.fields))
         if not fb.any_mixed:
             return self.model(img, present=present), lab, stats
-        part = self.partners(step, fb, cases, img)
-        ya = labels_to_regions(lab)
-        if part is None:
-            xb, yb = None, gather_partner(ya, fb)
-        else:
-            loc_x, loc_y = part[0], labels_to_regions(part[1])
-            xb = gather_partner(img, fb, loc_x, loc_x)
-            yb = gather_partner(ya, fb, loc_y, loc_y)
-        keep = None
-        if ism.spatial.keep_tumour:
-            keep = _dilate(ya[:, 2:3], ism.spatial.keep_margin_mm, self.cfg.data.spacing)
-        lam = keep_own(fb.on_grid(img.shape[2:], device=img.device), keep)
-        out = self.model.mix_forward(img, xb, fb, present, keep)
-        return out, mix_targets(ya, yb, lam), stats
+        with full_precision(img):  # partners and targets in fp32 whatever the network's autocast
+            part = self.partners(step, fb, cases, img)
+            ya = labels_to_regions(lab)
+            if part is None:
+                xb, yb = None, gather_partner(ya, fb)
+            else:
+                loc_x, loc_y = part[0], labels_to_regions(part[1])
+                xb = gather_partner(img, fb, loc_x, loc_x)
+                yb = gather_partner(ya, fb, loc_y, loc_y)
+            keep = None
+            if ism.spatial.keep_tumour:
+                keep = _dilate(ya[:, 2:3], ism.spatial.keep_margin_mm, self.cfg.data.spacing)
+            lam = keep_own(fb.on_grid(img.shape[2:], device=img.device), keep)
+            target = mix_targets(ya, yb, lam)
+        return self.model.mix_forward(img, xb, fb, present, keep), target, stats
 
 
 def pack_pair(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,21 +224,22 @@ class VisitStep:
         maps = [[] for _ in strides]  # per level, per sample
         target = lab.clone()
         fusion_gap = gap.clone()
-        for b in range(bsz):
-            if not mixed[b]:
+        with full_precision(img):  # fields and label interpolation in fp32 under any autocast
+            for b in range(bsz):
+                if not mixed[b]:
+                    for lv, st in enumerate(strides):
+                        maps[lv].append(torch.ones(1, *(p // s for p, s in zip(patch, st, strict=True))))
+                    continue
+                s = float(draws[b][1])
+                fg = torch.Generator().manual_seed(field_seeds[b])
+                fld = sample_field(fg, ism.spatial.field, patch, spacing)
+                t0, t1 = -float(gap[b]), 0.0
                 for lv, st in enumerate(strides):
-                    maps[lv].append(torch.ones(1, *(p // s for p, s in zip(patch, st, strict=True))))
-                continue
-            s = float(draws[b][1])
-            fg = torch.Generator().manual_seed(field_seeds[b])
-            fld = sample_field(fg, ism.spatial.field, patch, spacing)
-            t0, t1 = -float(gap[b]), 0.0
-            for lv, st in enumerate(strides):
-                pts = grid_points(patch, spacing, stride=st)
-                maps[lv].append(temporal_weight(fld, pts, t0, t1, s)[None])
-            w_full = temporal_weight(fld, grid_points(patch, spacing), t0, t1, s)
-            target[b] = interpolate_labels(prior_lab[b], lab[b], w_full, spacing)
-            fusion_gap[b] = s * gap[b]
+                    pts = grid_points(patch, spacing, stride=st)
+                    maps[lv].append(temporal_weight(fld, pts, t0, t1, s)[None])
+                w_full = temporal_weight(fld, grid_points(patch, spacing), t0, t1, s)
+                target[b] = interpolate_labels(prior_lab[b], lab[b], w_full, spacing)
+                fusion_gap[b] = s * gap[b]
         progression = [torch.stack(m).to(img.device) for m in maps]
         out = self.model.visit_forward(cur, prior, fusion_gap, has_prior, present, progression)
         return out, target, stats

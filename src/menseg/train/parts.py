@@ -27,6 +27,7 @@ decorate it with :func:`register` and list its module in :data:`ORDER` (see docs
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,6 +195,13 @@ def build_parts(cfg: Config) -> list[Part]:
     return parts
 
 
+def full_precision(like: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``like``'s device: a part's data-side work inside the step's forward
+    (partner augmentation, mixing fields of the targets, label interpolation) stays in fp32 when the
+    network runs in bf16 / fp16, so soft targets are not rounded to 8 bits of mantissa."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class StepModule(nn.Module):
     """The network and the parts' modules with the step's whole forward, for DDP to wrap (a part may
     call sub-modules of the network directly, which a DDP-wrapped network would not see)."""
@@ -209,5 +217,5 @@ class StepModule(nn.Module):
         return self.compute(*args)
 
 
-__all__ = ["ORDER", "Part", "StepModule", "TrainSetup", "build_parts", "check_parts", "part_types",
-           "register"]
+__all__ = ["ORDER", "Part", "StepModule", "TrainSetup", "build_parts", "check_parts", "full_precision",
+           "part_types", "register"]

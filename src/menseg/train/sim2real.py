@@ -42,7 +42,7 @@ from menseg.data.sampling import PatchChoice, PatchSampler, choose_start, foregr
 from menseg.errors import MensegError
 from menseg.train.augment import augment_batch
 from menseg.train.batches import StepBatches
-from menseg.train.parts import Part, TrainSetup, register
+from menseg.train.parts import Part, TrainSetup, full_precision, register
 from menseg.utils import derive_seed, json_digest
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,9 @@ class AlignStep:
                 patches.append(sampler.extract(choice)[0])
         x = torch.from_numpy(np.stack(patches)).to(device)
         seeds = [derive_seed(seed, "aug-align", step, b) for b in range(x.shape[0])]
-        x, _ = augment_batch(x, torch.zeros((x.shape[0], *x.shape[2:]), dtype=torch.uint8, device=device),
-                             self.cfg.aug, seeds, self.cfg.data.spacing)
+        with full_precision(x):  # augmented as the trainer's own batch, in fp32
+            x, _ = augment_batch(x, torch.zeros((x.shape[0], *x.shape[2:]), dtype=torch.uint8, device=device),
+                                 self.cfg.aug, seeds, self.cfg.data.spacing)
         net, stem = _encoder(self.model)
         feats = encode(net, x, stem, stop=max(ac.levels))  # type: ignore[arg-type]
         n = ac.batch_size

@@ -92,13 +92,21 @@ def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> Non
 
 
 def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype (None: fp32) and loss scaler (fp16 only) of ``train.amp`` / ``train.amp_dtype``."""
+    """Autocast dtype (None: fp32) and loss scaler (fp16 only) of ``train.amp`` / ``train.amp_dtype``.
+
+    ``auto``: bf16 where it runs natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX, as prediction's
+    ``infer.precision: auto``), fp16 with loss scaling on other CUDA devices, fp32 on other CPUs.
+    """
+    from menseg.infer.sliding import bf16_is_fast
+
     tc = cfg.train
-    if not tc.amp or (tc.amp_dtype == "auto" and device.type != "cuda"):
+    if not tc.amp:
         return None, None
-    if tc.amp_dtype == "bf16" or (tc.amp_dtype == "auto" and torch.cuda.is_bf16_supported()):
+    if tc.amp_dtype == "bf16" or (tc.amp_dtype == "auto" and bf16_is_fast(device)):
         return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler(device.type)
+    if tc.amp_dtype == "fp16" or device.type == "cuda":
+        return torch.float16, torch.amp.GradScaler(device.type)
+    return None, None  # auto on a CPU without native bf16
 
 
 def prepare_network(model: nn.Module, cfg: Config) -> nn.Module:
