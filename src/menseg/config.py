@@ -411,6 +411,19 @@ class Sim2RealConfig:
 
 
 @dataclass(frozen=True)
+class CarveMixConfig:
+    """CarveMix (Zhang et al., MICCAI 2021), a competitor of ISM and Sim2Real (``carvemix``): a lesion with a
+    distance-based margin carved from another labelled case and pasted into the sample, labels with it."""
+
+    enabled: bool = False
+    p: float = 0.5  #: probability that a training sample receives a carved lesion
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise MensegError(f"carvemix.p must be in [0, 1], got {self.p}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -423,6 +436,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     ism: ISMConfig = field(default_factory=ISMConfig)
     sim2real: Sim2RealConfig = field(default_factory=Sim2RealConfig)
+    carvemix: CarveMixConfig = field(default_factory=CarveMixConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ implements only what it changes:
 - ``modules``: extra trained modules (their parameters join the optimiser, their state the checkpoint
   under the dict's key);
 - ``bind``: the network as trained (after DDP's SyncBatchNorm conversion);
+- ``mix_batch``: the augmented batch changed in image space (copy-paste), labels with it;
 - ``label_mask``: labels whose class is unknown, left out of the loss;
 - ``batch_stats``: statistics of the step's batch (before the forward);
 - ``forward``: the step's forward, ``(outputs, targets, stats)``; at most one part owns it;
@@ -43,8 +44,9 @@ from menseg.errors import MensegError
 Tensor = torch.Tensor
 
 #: Modules that define the built-in parts, in the order their parts run (a part's hooks run before the
-#: hooks of the parts after it: Sim2Real sets up the sampler that ISM's partners are drawn from).
-ORDER: tuple[str, ...] = ("menseg.train.sim2real", "menseg.train.ism")
+#: hooks of the parts after it: Sim2Real sets up the sampler that copy-paste and ISM's partners are drawn
+#: from).
+ORDER: tuple[str, ...] = ("menseg.train.sim2real", "menseg.train.copypaste", "menseg.train.ism")
 
 _REGISTRY: dict[str, type[Part]] = {}
 
@@ -77,6 +79,8 @@ class TrainSetup:
     val_cases: list[Any] = field(default_factory=list)
     model: nn.Module | None = None
     batches: type | None = None
+    #: the samples of each global batch this process builds (its DDP shard; all of them on one process)
+    shard: range = range(0)
     _sampler: Any = None
 
     @property
@@ -146,6 +150,10 @@ class Part:
         """Use ``model`` (the network as trained) from now on."""
 
     # ------------------------------------------------------------ every step
+
+    def mix_batch(self, step: int, img: Tensor, lab: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+        """The step's augmented batch changed in image space (e.g. copy-paste), labels with it."""
+        return img, lab
 
     def label_mask(self, lab: Tensor, always: bool) -> tuple[Tensor, Tensor | None]:
         """``(labels, known voxels or None)``; ``always``: return a mask even when all are known (DDP)."""

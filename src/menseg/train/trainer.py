@@ -331,7 +331,7 @@ def _train(
     # data, augmentation and pools use the run seed.
     rseed = ddp.rank_seed(tc.seed, ctx.rank)
     run = TrainSetup(cfg, cfg if rseed == tc.seed else replace(cfg, train=replace(tc, seed=rseed)), out,
-                     cache_dir(cfg, out), device, progress)
+                     cache_dir(cfg, out), device, progress, shard=ddp.shard(tc.batch_size, ctx))
     with ddp.main_first(ctx):  # rank 0 fills the caches (preprocessing, pools, translator), then the others
         data = next((d for p in parts if (d := p.load_data(run)) is not None), None)
         run.train_cases, run.val_cases = data if data is not None else _load_data(cfg, run.cache, parts)
@@ -440,6 +440,8 @@ def _train(
             lab = lab.to(device, non_blocking=True)
             seeds = [derive_seed(tc.seed, "aug", step, b) for b in part]  # global sample index
             img, lab = augment_batch(img, lab, cfg.aug, seeds, cfg.data.spacing)
+            for p in parts:
+                img, lab = p.mix_batch(step, img, lab, meta)
             if tc.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last_3d)
             known = None
