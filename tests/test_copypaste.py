@@ -13,7 +13,14 @@ import torch
 from menseg.config import load_config
 from menseg.data.phantom import write_phantom_dataset
 from menseg.data.sampling import PatchSampler
-from menseg.train.copypaste import CarveMixPart, carve_region, sample_lambda, signed_distance
+from menseg.train.copypaste import (
+    CarveMixPart,
+    TumorCPPart,
+    carve_region,
+    sample_lambda,
+    shift_volume,
+    signed_distance,
+)
 from menseg.train.parts import TrainSetup, build_parts
 
 SP = (2.0, 2.0, 2.0)
@@ -51,11 +58,11 @@ def test_carved_region_is_the_lesion_at_zero_grown_or_eroded_by_lambda_mm() -> N
     assert sample_lambda(rng, np.zeros_like(lab), SP) == 0.0
 
 
-def _part(p: float = 1.0, seed: int = 3) -> CarveMixPart:
-    cfg = load_config("carvemix", [f"carvemix.p={p}", f"train.seed={seed}", "train.patch_size=[16,16,16]",
-                                   "data.spacing=[2.0,2.0,2.0]"])
+def _part(p: float = 1.0, seed: int = 3, name: str = "carvemix") -> CarveMixPart:
+    cfg = load_config(name, [f"{name}.p={p}", f"train.seed={seed}", "train.patch_size=[16,16,16]",
+                             "data.spacing=[2.0,2.0,2.0]"])
     part = build_parts(cfg)[0]
-    assert isinstance(part, CarveMixPart)
+    assert isinstance(part, CarveMixPart if name == "carvemix" else TumorCPPart)
     cases = []
     for k in range(3):
         img = np.random.default_rng(k).normal(size=(4, 20, 20, 20)).astype(np.float32)
@@ -94,21 +101,60 @@ def test_carvemix_replays_and_carries_labels_with_the_pasted_voxels() -> None:
     assert n_img is img and n_lab is lab and none.batch_stats(meta) == {"carvemix_mixed": 0.0}
 
 
-def test_carvemix_config_trains_and_logs_its_mixes(tmp_path: Path) -> None:
+def test_shift_volume_moves_content_and_fills_zeros() -> None:
+    x = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 4, 5, 6) + 1
+    y = shift_volume(x, (1, -2, 0))
+    assert torch.equal(y[0, 1:, :3, :], x[0, :3, 2:, :])
+    assert (y[0, 0] == 0).all() and (y[0, :, 3:] == 0).all()
+    assert (shift_volume(x, (9, 0, 0)) == 0).all()
+
+
+def test_tumorcp_pastes_a_jittered_tumour_into_the_head_and_replays() -> None:
+    part = _part(name="tumorcp")
+    img = torch.zeros(2, 4, 16, 16, 16)
+    img[:, :, 4:12, 4:12, 4:12] = 0.5  # the head: a box in the middle
+    lab = torch.zeros(2, 16, 16, 16, dtype=torch.uint8)
+    meta = torch.zeros(2, dtype=torch.int64)
+    a_img, a_lab = part.mix_batch(7, img, lab, meta)
+    b_img, b_lab = part.mix_batch(7, img, lab, meta)
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+    assert part.batch_stats(meta) == {"tumorcp_mixed": 2.0}
+    for b in range(2):
+        pasted = a_lab[b] > 0
+        assert pasted.any() and set(a_lab[b].unique().tolist()) <= {0, 2, 3}
+        centre = torch.nonzero(pasted).double().mean(0)
+        assert ((centre > 2.5) & (centre < 12.5)).all()  # centred in (or at the edge of) the head box
+        assert torch.equal(a_img[b][:, ~pasted], img[b][:, ~pasted])  # nothing else changed
+        assert not torch.isclose(a_img[b][:, pasted], torch.full_like(a_img[b][:, pasted], 0.5)).all()
+    c_img, _ = part.mix_batch(8, img, lab, meta)
+    assert not torch.equal(a_img, c_img)
+    obj = part.object_config()
+    assert obj.p_rotate == obj.p_scale == obj.p_flip == 0.5 and obj.p_elastic == obj.p_gamma == 0.0
+    empty = torch.zeros_like(img)  # no head: nothing to paste into
+    e_img, e_lab = part.mix_batch(7, empty, lab, meta)
+    assert torch.equal(e_img, empty) and not e_lab.any()
+
+
+@pytest.mark.parametrize("name", ["carvemix", "tumorcp"])
+def test_copy_paste_configs_train_and_log_their_mixes(tmp_path: Path, name: str) -> None:
     from menseg.train.trainer import train
 
     write_phantom_dataset(tmp_path / "data", n_cases=2, shape=(24, 24, 24), seed=3)
-    cfg = load_config("carvemix", ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.steps=3",
-                                   "train.patch_size=[16,16,16]", "data.val_fraction=0", "carvemix.p=1.0",
-                                   f"data={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}"])
+    cfg = load_config(name, ["model.filters=[4,8,16]", "model.deep_supr_num=1", "train.steps=3",
+                             "train.patch_size=[16,16,16]", "data.val_fraction=0", f"{name}.p=1.0",
+                             f"data={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}"])
     train(cfg, progress=False)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["carvemix_mixed"] for r in recs] == [2.0, 2.0, 2.0]
+    assert [r[f"{name}_mixed"] for r in recs] == [2.0, 2.0, 2.0]
 
 
-@pytest.mark.parametrize("bad", ["carvemix.p=1.5", "carvemix.p=-0.1"])
-def test_bad_carvemix_settings_are_refused(bad: str) -> None:
+@pytest.mark.parametrize("name, bad, fragment", [
+    ("carvemix", "carvemix.p=1.5", "carvemix.p must be in"), ("carvemix", "carvemix.p=-0.1", "carvemix.p"),
+    ("tumorcp", "tumorcp.p=2", "tumorcp.p and p_transform"), ("tumorcp", "tumorcp.scale_range=[1.2,0.9]",
+                                                              "scale_range and gain_range"),
+])
+def test_bad_copy_paste_settings_are_refused(name: str, bad: str, fragment: str) -> None:
     from menseg.errors import MensegError
 
-    with pytest.raises(MensegError, match="carvemix.p must be in"):
-        load_config("carvemix", [bad])
+    with pytest.raises(MensegError, match=fragment):
+        load_config(name, [bad])

@@ -32,7 +32,7 @@ def test_the_trainer_names_no_idea() -> None:
 @pytest.mark.parametrize("name, want", [("baseline", []), ("demo", []), ("ism", ["ism"]),
                                         ("ism-modal", ["ism"]), ("sim2real", ["sim2real"]),
                                         ("both", ["sim2real", "ism"]), ("sim2real/s2r-all", ["sim2real"]),
-                                        ("carvemix", ["carvemix"])])
+                                        ("carvemix", ["carvemix"]), ("tumorcp", ["tumorcp"])])
 def test_configs_build_their_parts_in_the_fixed_order(name: str, want: list[str]) -> None:
     assert [p.name for p in build_parts(load_config(name))] == want
 

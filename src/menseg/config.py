@@ -424,6 +424,31 @@ class CarveMixConfig:
 
 
 @dataclass(frozen=True)
+class TumorCPConfig:
+    """TumorCP (Yang et al., MICCAI 2021), a competitor of ISM and Sim2Real (``tumorcp``): another case's
+    tumour, transformed as an object (rigid, scale, intensity jitter), pasted at a random place of the
+    head in the sample, labels with it."""
+
+    enabled: bool = False
+    p: float = 0.5  #: probability that a training sample receives a pasted tumour (the paper's p_cp)
+    p_transform: float = 0.5  #: probability of each object transform (rotation, scaling, flips; p_trans)
+    rotate_deg: float = 30.0  #: rotation about each axis, uniform in +-rotate_deg
+    scale_range: tuple[float, float] = (0.7, 1.4)  #: isotropic scaling of the tumour
+    #: intensity jitter of the pasted tumour, per sequence: x * U(gain) + U(-shift, shift) (z-score units)
+    gain_range: tuple[float, float] = (0.8, 1.2)
+    shift: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.p <= 1.0 and 0.0 <= self.p_transform <= 1.0):
+            raise MensegError(f"tumorcp.p and p_transform must be in [0, 1], got {self.p}, "
+                              f"{self.p_transform}")
+        lo_hi = (self.scale_range, self.gain_range)
+        if not (all(0 < lo <= hi for lo, hi in lo_hi) and self.shift >= 0 and self.rotate_deg >= 0):
+            raise MensegError("tumorcp: scale_range and gain_range need 0 < low <= high; shift and "
+                              "rotate_deg >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -437,6 +462,7 @@ class Config:
     ism: ISMConfig = field(default_factory=ISMConfig)
     sim2real: Sim2RealConfig = field(default_factory=Sim2RealConfig)
     carvemix: CarveMixConfig = field(default_factory=CarveMixConfig)
+    tumorcp: TumorCPConfig = field(default_factory=TumorCPConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

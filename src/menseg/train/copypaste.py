@@ -7,28 +7,38 @@ it. The region is a level set of A's signed distance map ``D`` (mm, negative ins
 ``M = {D < lambda}`` with ``lambda ~ U(-r/2, r)`` and ``r = |min D|`` (the lesion's inner radius), so
 the carved region ranges from an eroded lesion to the lesion with a margin as wide as its radius.
 
+TumorCP (Yang J, Zhang Y, Liang Y, et al. "TumorCP: A Simple but Effective Object-Level Data
+Augmentation for Tumor Segmentation", MICCAI 2021, LNCS 12901, pp. 579-588): a tumour of one case is
+pasted at a random place of the organ of another, after object-level transforms (rigid: rotation and
+flips; scaling) each with probability ``p_trans`` and an intensity jitter; the paper's best setting
+copies with ``p_cp = 0.5``. For meningiomas "the organ" is the head: the tumour's centre lands on a
+random voxel of the sample's head (non-zero image).
+
 menseg trains on patches, so the carving works on patches: the sample of the step is B; A is a
 tumour-centred patch of another case of the run's sampler (drawn, cut and augmented like the step's own
 samples), pasted at the same patch coordinates. The original mixes whole co-registered images offline;
 patches of the same size are what a patch trainer has, and the carved region lies inside one patch
 for every meningioma that fits in the patch.
 
-Randomness: ``(train.seed, "carvemix", step, sample)`` draws whether a sample is mixed, the partner
-case and patch, and ``lambda``; ``(train.seed, "aug-carvemix", step, sample)`` the partner's
-augmentation. Sample indices are global (the DDP shard's), so a run means the same for any world size.
+Randomness: ``(train.seed, NAME, step, sample)`` draws whether a sample is mixed, the partner case and
+patch, and what the method draws itself (CarveMix's ``lambda``; TumorCP's place, jitter and, from
+``(train.seed, "tumorcp-object", step, sample)``, the object transforms); ``(train.seed, "aug-carvemix",
+step, sample)`` the CarveMix partner's augmentation. Sample indices are global (the DDP shard's), so a
+run means the same for any world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from menseg.config import Config
+from menseg.config import AugConfig, Config
 from menseg.data.sampling import PatchSampler, choose_start, crop_pad
-from menseg.train.augment import augment_batch
+from menseg.train.augment import apply_augment, augment_batch, sample_augment
 from menseg.train.parts import Part, TrainSetup, full_precision, register
 from menseg.utils import derive_seed
 
@@ -62,76 +72,160 @@ def sample_lambda(rng: np.random.Generator, label: np.ndarray, spacing: Sequence
 
 
 @dataclass(frozen=True)
-class CarveDraw:
-    """What one sample of a step draws: whether it is mixed, the partner (case, patch start), lambda."""
+class PartnerDraw:
+    """What one sample of a step draws first: whether it is mixed, and the partner (case, patch start)."""
 
     mixed: bool
     case: int = -1
     start: tuple[int, int, int] = (0, 0, 0)
 
 
-@register
-class CarveMixPart(Part):
-    """CarveMix as a training part (``carvemix.enabled``): after augmentation each sample is, with
-    probability ``carvemix.p``, overwritten by a carved lesion region of another case's tumour patch."""
-
-    name = "carvemix"
-    count_stats = frozenset({"carvemix_mixed"})
+class _CopyPaste(Part):
+    """Shared by the copy-paste parts: per sample, with probability ``p``, a tumour-centred patch of another
+    case of the run's sampler is the partner; :meth:`paste` (the method) puts it into the sample."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.sampler: PatchSampler | None = None
         self.shard = range(0)
         self.last_mixed = 0.0
+        self.count_key = f"{self.name}_mixed"
 
-    @classmethod
-    def enabled(cls, cfg: Config) -> bool:
-        return cfg.carvemix.enabled
+    @property
+    def p(self) -> float:
+        return float(getattr(self.cfg, self.name).p)
 
     def setup(self, run: TrainSetup) -> None:
         self.sampler = run.sampler
         self.shard = run.shard
 
-    def draw(self, step: int, sample: int) -> tuple[CarveDraw, np.random.Generator]:
-        """The draw of global ``sample`` of ``step`` and the generator that then draws lambda."""
+    def draw(self, step: int, sample: int) -> tuple[PartnerDraw, np.random.Generator]:
+        """The partner of global ``sample`` of ``step`` and the generator the method goes on drawing from."""
         assert self.sampler is not None
-        rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "carvemix", step, sample))
+        rng = np.random.default_rng(derive_seed(self.cfg.train.seed, self.name, step, sample))
         with_tumour = [i for i, fg in enumerate(self.sampler.fg) if len(fg)]
-        if rng.random() >= self.cfg.carvemix.p or not with_tumour:
-            return CarveDraw(False), rng
+        if rng.random() >= self.p or not with_tumour:
+            return PartnerDraw(False), rng
         case = with_tumour[int(rng.integers(len(with_tumour)))]
         label = self.sampler.cases[case][1]
         start = choose_start(label.shape, self.sampler.patch_size, rng, self.sampler.fg[case])
-        return CarveDraw(True, case, tuple(int(v) for v in start)), rng  # type: ignore[arg-type]
+        return PartnerDraw(True, case, tuple(int(v) for v in start)), rng  # type: ignore[arg-type]
+
+    def partner(self, d: PartnerDraw) -> tuple[Tensor, Tensor]:
+        """The partner patch ``(image (4, *patch) f32, label (*patch) uint8)``."""
+        assert self.sampler is not None
+        image, label = self.sampler.cases[d.case]
+        ps = self.sampler.patch_size
+        return (torch.from_numpy(crop_pad(image, d.start, ps).astype(np.float32, copy=False)),
+                torch.from_numpy(crop_pad(label, d.start, ps).astype(np.uint8, copy=False)))
+
+    def paste(self, step: int, rows: list[tuple[int, int, PartnerDraw, np.random.Generator]], img: Tensor,
+              lab: Tensor) -> None:
+        """Paste the partners of ``rows`` (``(row, global sample, draw, rng)``) into ``img`` / ``lab``."""
+        raise NotImplementedError
 
     def mix_batch(self, step: int, img: Tensor, lab: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
-        assert self.sampler is not None
         draws = [(b, g, *self.draw(step, g)) for b, g in enumerate(self.shard)]
-        mixed = [(b, g, d, rng) for b, g, d, rng in draws if d.mixed]
-        self.last_mixed = float(len(mixed))
-        if not mixed:
+        rows = [(b, g, d, rng) for b, g, d, rng in draws if d.mixed]
+        self.last_mixed = float(len(rows))
+        if not rows:
             return img, lab
-        spacing = self.cfg.data.spacing
-        ps = self.sampler.patch_size
-        pimg = [crop_pad(self.sampler.cases[d.case][0], d.start, ps).astype(np.float32, copy=False)
-                for _, _, d, _ in mixed]
-        plab = [crop_pad(self.sampler.cases[d.case][1], d.start, ps).astype(np.uint8, copy=False)
-                for _, _, d, _ in mixed]
-        seeds = [derive_seed(self.cfg.train.seed, "aug-carvemix", step, g) for _, g, _, _ in mixed]
-        with full_precision(img):
-            ai, al = augment_batch(torch.from_numpy(np.stack(pimg)), torch.from_numpy(np.stack(plab)),
-                                   self.cfg.aug, seeds, spacing)
         img, lab = img.clone(), lab.clone()
-        for k, (b, _, _, rng) in enumerate(mixed):
+        with full_precision(img):
+            self.paste(step, rows, img, lab)
+        return img, lab
+
+    def batch_stats(self, meta: Tensor) -> dict[str, float]:
+        return {self.count_key: self.last_mixed}
+
+
+@register
+class CarveMixPart(_CopyPaste):
+    """CarveMix as a training part (``carvemix.enabled``): after augmentation each sample is, with
+    probability ``carvemix.p``, overwritten by a carved lesion region of another case's tumour patch,
+    augmented like the step's own samples."""
+
+    name = "carvemix"
+    count_stats = frozenset({"carvemix_mixed"})
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.carvemix.enabled
+
+    def paste(self, step: int, rows: list[tuple[int, int, PartnerDraw, np.random.Generator]], img: Tensor,
+              lab: Tensor) -> None:
+        spacing = self.cfg.data.spacing
+        parts = [self.partner(d) for _, _, d, _ in rows]
+        seeds = [derive_seed(self.cfg.train.seed, "aug-carvemix", step, g) for _, g, _, _ in rows]
+        ai, al = augment_batch(torch.stack([x for x, _ in parts]), torch.stack([y for _, y in parts]),
+                               self.cfg.aug, seeds, spacing)
+        for k, (b, _, _, rng) in enumerate(rows):
             part_lab = al[k].numpy()
             region = torch.from_numpy(carve_region(part_lab, sample_lambda(rng, part_lab, spacing), spacing))
             region = region.to(img.device)
             img[b] = torch.where(region[None], ai[k].to(img.device, img.dtype), img[b])
             lab[b] = torch.where(region, al[k].to(lab.device, lab.dtype), lab[b])
-        return img, lab
-
-    def batch_stats(self, meta: Tensor) -> dict[str, float]:
-        return {"carvemix_mixed": self.last_mixed}
 
 
-__all__ = ["CarveMixPart", "carve_region", "sample_lambda", "signed_distance"]
+def shift_volume(x: Tensor, offset: Sequence[int]) -> Tensor:
+    """``x`` (``(..., X, Y, Z)``) moved by ``offset`` voxels along the last three axes, zeros shifted in."""
+    out = torch.zeros_like(x)
+    src, dst = [], []
+    for ax, o in enumerate(offset):
+        n = x.shape[x.dim() - 3 + ax]
+        o = int(o)
+        if abs(o) >= n:
+            return out
+        src.append(slice(max(0, -o), n - max(0, o)))
+        dst.append(slice(max(0, o), n - max(0, -o)))
+    out[(..., *dst)] = x[(..., *src)]
+    return out
+
+
+@register
+class TumorCPPart(_CopyPaste):
+    """TumorCP as a training part (``tumorcp.enabled``): with probability ``tumorcp.p`` a sample receives
+    another case's tumour, transformed as an object and jittered in intensity, centred on a random voxel
+    of the sample's head."""
+
+    name = "tumorcp"
+    count_stats = frozenset({"tumorcp_mixed"})
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.tumorcp.enabled
+
+    def object_config(self) -> AugConfig:
+        """The object-level transforms as an :class:`AugConfig` of rotation, scaling and flips only."""
+        t = self.cfg.tumorcp
+        off = {f.name: 0.0 for f in dataclasses.fields(AugConfig) if f.name.startswith("p_")}
+        on = {"p_flip": t.p_transform, "p_rotate": t.p_transform, "p_scale": t.p_transform}  # flips: per axis
+        return AugConfig(**{**off, **on}, rotate_deg=t.rotate_deg, scale_range=t.scale_range)  # type: ignore[arg-type]
+
+    def paste(self, step: int, rows: list[tuple[int, int, PartnerDraw, np.random.Generator]], img: Tensor,
+              lab: Tensor) -> None:
+        t, spacing = self.cfg.tumorcp, self.cfg.data.spacing
+        ocfg = self.object_config()
+        for b, g, d, rng in rows:
+            x, y = self.partner(d)
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, "tumorcp-object", step, g))
+            params = sample_augment(gen, x.shape, ocfg, spacing, names=("rotate", "scale", "flip"))
+            x, y = apply_augment(x, y, params)
+            tumour = (y > 0) & (y < 4)
+            head = (img[b] != 0).any(0).cpu()
+            if not tumour.any() or not head.any():
+                continue
+            centre = torch.nonzero(tumour).double().mean(0).round().long()
+            places = torch.nonzero(head)
+            to = places[int(rng.integers(len(places)))]
+            offset = (to - centre).tolist()
+            gain = torch.from_numpy(rng.uniform(*t.gain_range, size=(x.shape[0], 1, 1, 1))).float()
+            bias = torch.from_numpy(rng.uniform(-t.shift, t.shift, size=(x.shape[0], 1, 1, 1))).float()
+            x = x * gain + bias
+            region = shift_volume(tumour, offset).to(img.device)
+            img[b] = torch.where(region[None], shift_volume(x, offset).to(img.device, img.dtype), img[b])
+            lab[b] = torch.where(region, shift_volume(y, offset).to(lab.device, lab.dtype), lab[b])
+
+
+__all__ = ["CarveMixPart", "PartnerDraw", "TumorCPPart", "carve_region", "sample_lambda", "shift_volume",
+           "signed_distance"]
