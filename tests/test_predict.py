@@ -154,7 +154,8 @@ def test_prediction_lands_on_the_right_voxels(
         tumour = np.transpose(tumour, (2, 0, 1))
     folder = _write_case(tmp_path / "in", "BRIGHT", image, affine)
     cfg = _config()
-    monkeypatch.setattr(predict_module, "load_model", lambda path, device: (BrightIsTumour(), cfg))
+    monkeypatch.setattr(predict_module, "load_model_and_state",
+                        lambda path, device: (BrightIsTumour(), cfg, {}))
     (out_path,) = predict(tmp_path / "unused.pt", folder, tmp_path / "pred.nii.gz",
                           device="cpu", progress=False)
     pred = np.asanyarray(nib.load(str(out_path)).dataobj)

@@ -145,6 +145,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     Returns ``(model, cfg)`` with the model on ``device`` in eval mode.
     """
+    model, cfg, _ = load_model_and_state(path, device)
+    return model, cfg
+
+
+def load_model_and_state(path: str | Path, device: str | torch.device = "cpu"
+                         ) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """:func:`load_model` and the checkpoint's other entries (e.g. ``postprocess``), weights left out."""
     from menseg.ism.model import build_model
 
     state = load_checkpoint(path, map_location="cpu")
@@ -157,10 +164,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise MensegError(f"weights do not match the stored model config ({first})", path) from None
     model.to(device).eval()
     log.debug("loaded %s (step %s)", path, state.get("step"))
-    return model, cfg
+    return model, cfg, {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
 
 __all__ = [
     "checksum_path", "config_from_checkpoint", "load_checkpoint", "load_latest", "load_model",
+    "load_model_and_state",
     "previous_path", "save_checkpoint",
 ]

@@ -189,6 +189,12 @@ def predict_cmd(
     gap_days: Annotated[
         float | None, typer.Option(help="Days from the --prior visit to the input case.")
     ] = None,
+    learned_postprocess: Annotated[
+        bool,
+        typer.Option("--learned-postprocess/--fixed-postprocess",
+                     help="Apply the post-processing the run learned (postprocess.learn) when its checkpoint "
+                          "has one; --fixed-postprocess removes components below infer.min_component_mm3."),
+    ] = True,
 ) -> None:
     """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation).
 
@@ -201,7 +207,8 @@ def predict_cmd(
         model = model / "best.pt"
     source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
     written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite,
-                      overlap=overlap, precision=precision, prior=prior, gap_days=gap_days)
+                      overlap=overlap, precision=precision, prior=prior, gap_days=gap_days,
+                      learned_postprocess=learned_postprocess)
     for p in written:
         typer.echo(str(p))
 

@@ -449,6 +449,22 @@ class TumorCPConfig:
 
 
 @dataclass(frozen=True)
+class PostprocessConfig:
+    """Post-processing learned at the end of training (``postprocess``), as nnU-Net decides it from its
+    cross-validation: per region a minimum component volume and whether to keep only the largest
+    component, chosen by lesion-wise Dice on the validation cases (on the training cases when the run has
+    none) and stored in the final checkpoint, where ``menseg predict`` applies it."""
+
+    learn: bool = False
+    #: minimum component volumes tried (mm^3), each with and without keep-largest
+    candidates_mm3: tuple[float, ...] = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+
+    def __post_init__(self) -> None:
+        if not self.candidates_mm3 or min(self.candidates_mm3) < 0:
+            raise MensegError("postprocess.candidates_mm3 must be non-empty volumes >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -463,6 +479,7 @@ class Config:
     sim2real: Sim2RealConfig = field(default_factory=Sim2RealConfig)
     carvemix: CarveMixConfig = field(default_factory=CarveMixConfig)
     tumorcp: TumorCPConfig = field(default_factory=TumorCPConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -27,22 +27,23 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from menseg.checkpoint import load_model
+from menseg.checkpoint import load_model_and_state
 from menseg.config import Config
 from menseg.data.io import nifti_ending, write_label
 from menseg.data.layouts import CaseFiles, discover_inputs
 from menseg.data.preprocess import invert, load_case, preprocess, present_mask
 from menseg.data.validate import orientation_of, spacing_of
 from menseg.errors import MensegError
-from menseg.infer.postprocess import regions_to_labels, remove_small_components
+from menseg.infer.postprocess import apply_learned, regions_to_labels, remove_small_components
 from menseg.infer.sliding import PRECISIONS, predict_probs, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,12 @@ def predict_case(
     *,
     prior: CaseFiles | None = None,
     gap_days: float | None = None,
+    rules: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict one case; returns ``(label (X, Y, Z) uint8, affine 4x4)`` in the input's grid.
+
+    ``rules``: learned post-processing (:func:`menseg.infer.postprocess.learn_postprocess`) applied
+    instead of ``infer.min_component_mm3``.
 
     The grid is the reference file's (t1c, or the first sequence present; shape and voxel
     order as read); ``cfg`` supplies the training spacing (``data.spacing``), patch
@@ -144,7 +149,10 @@ def predict_case(
     probs = invert(probs_pp.numpy(), props, order=1)  # (3, X, Y, Z) on the input grid
     del probs_pp, image_pp
     label = regions_to_labels(probs, cfg.infer.threshold)
-    label = remove_small_components(label, spacing_of(affine), cfg.infer.min_component_mm3)
+    if rules:
+        label = apply_learned(label, spacing_of(affine), rules)
+    else:
+        label = remove_small_components(label, spacing_of(affine), cfg.infer.min_component_mm3)
     return label, affine
 
 
@@ -161,6 +169,7 @@ def predict(
     progress: bool = True,
     prior: str | os.PathLike | Sequence[str | os.PathLike] | CaseFiles | None = None,
     gap_days: float | None = None,
+    learned_postprocess: bool = True,
 ) -> list[Path]:
     """Predict label maps for one case or a folder of cases.
 
@@ -182,6 +191,9 @@ def predict(
             a :class:`~menseg.data.layouts.CaseFiles`; needs a model with temporal fusion
             (``ism.temporal``) and ``gap_days``.
         gap_days: days from the prior visit to the input case (``>= 0``).
+        learned_postprocess: apply the post-processing the run learned (``postprocess.learn``; stored
+            in its final checkpoint) where the checkpoint has one; False, or a checkpoint without one,
+            removes components below ``infer.min_component_mm3``.
 
     Returns:
         Paths written, in case order. Each label is uint8 ``(X, Y, Z)`` with the same
@@ -206,16 +218,18 @@ def predict(
     outputs = output_paths(cases, output)
     check_outputs(cases, outputs, [model_path, *(prior_case.files if prior_case else [])], overwrite)
 
-    model, cfg = load_model(model_path, dev)
+    model, cfg, extras = load_model_and_state(model_path, dev)
+    rules = (extras.get("postprocess") or {}).get("rules") if learned_postprocess else None
     _check_model_fits(model, model_path, cases, prior_case)
     infer_changes = {k: v for k, v in (("overlap", overlap), ("precision", precision)) if v is not None}
     if infer_changes:
         cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **infer_changes))
     use_mirror = cfg.infer.mirror if mirror is None else mirror
     log.info(
-        "predicting %d case(s) with %s on %s (spacing %s mm, patch %s, mirror %s, %s)",
+        "predicting %d case(s) with %s on %s (spacing %s mm, patch %s, mirror %s, %s, %s)",
         len(cases), model_path, dev, tuple(cfg.data.spacing), tuple(cfg.train.patch_size),
         use_mirror, resolve_precision(dev, cfg.infer.precision),
+        "learned post-processing" if rules else f"components < {cfg.infer.min_component_mm3:g} mm3 removed",
     )
     written: list[Path] = []
     bar = tqdm(
@@ -227,7 +241,7 @@ def predict(
             log.warning("%s: predicting from %s only (missing %s)", case.case_id, ", ".join(case.present),
                         ", ".join(case.missing))
         label, affine = predict_case(model, cfg, case, dev, mirror=use_mirror, prior=prior_case,
-                                     gap_days=gap_days)
+                                     gap_days=gap_days, rules=rules)
         like = nib.load(str(case.reference))
         write_label(out, label, affine, like=like)
         log.info(

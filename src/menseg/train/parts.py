@@ -20,7 +20,8 @@ implements only what it changes:
 - ``label_mask``: labels whose class is unknown, left out of the loss;
 - ``batch_stats``: statistics of the step's batch (before the forward);
 - ``forward``: the step's forward, ``(outputs, targets, stats)``; at most one part owns it;
-- ``extra_loss``: a loss term added to the segmentation loss, with its statistics.
+- ``extra_loss``: a loss term added to the segmentation loss, with its statistics;
+- ``finish``: what the part adds to the final checkpoint (``state_keys``), from the trained model.
 
 Adding an idea: subclass :class:`Part`, give it a ``name`` and ``enabled(cfg)``, implement its hooks,
 decorate it with :func:`register` and list its module in :data:`ORDER` (see docs/DESIGN.md).
@@ -46,7 +47,8 @@ Tensor = torch.Tensor
 #: Modules that define the built-in parts, in the order their parts run (a part's hooks run before the
 #: hooks of the parts after it: Sim2Real sets up the sampler that copy-paste and ISM's partners are drawn
 #: from).
-ORDER: tuple[str, ...] = ("menseg.train.sim2real", "menseg.train.copypaste", "menseg.train.ism")
+ORDER: tuple[str, ...] = ("menseg.train.sim2real", "menseg.train.copypaste", "menseg.train.ism",
+                          "menseg.train.postprocess")
 
 _REGISTRY: dict[str, type[Part]] = {}
 
@@ -114,6 +116,8 @@ class Part:
     uses_unlabelled: ClassVar[bool] = False
     #: how to avoid this part's sample kind (for the error of a part that cannot run on it)
     sample_hint: ClassVar[str] = ""
+    #: keys :meth:`finish` adds to the final checkpoint (a finished run without them is finished again)
+    state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -171,6 +175,12 @@ class Part:
     def extra_loss(self, step: int, device: torch.device) -> tuple[Tensor, dict[str, float]] | None:
         """A loss term of the step and its statistics, or None."""
         return None
+
+    # ------------------------------------------------------------ after the last step
+
+    def finish(self, run: TrainSetup, model: nn.Module) -> dict[str, Any]:
+        """What the part adds to the final checkpoint (under :attr:`state_keys`), from the trained model."""
+        return {}
 
 
 def part_types() -> list[type[Part]]:
