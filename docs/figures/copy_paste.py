@@ -71,7 +71,7 @@ def main() -> None:
         overlay(axes[r, 1], m, lm, f"after {name}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    print(out)
+    print(out)  # noqa: T201
 
 
 if __name__ == "__main__":
