@@ -115,7 +115,7 @@ def test_a_run_killed_before_its_rules_were_written_gets_them_on_resume(
     monkeypatch.setattr(pp_mod.PostprocessPart, "finish", killed)
     with pytest.raises(RuntimeError, match="killed"):
         train(cfg, progress=False)
-    assert "postprocess" not in load_checkpoint(tmp_path / "k" / "latest.pt")  # the last step was saved
+    assert "postprocess" not in load_checkpoint(tmp_path / "k" / "latest.pt")  # the step-2 checkpoint
     monkeypatch.undo()
     train(cfg, resume=True, progress=False)
     pp = load_checkpoint(tmp_path / "k" / "latest.pt")["postprocess"]

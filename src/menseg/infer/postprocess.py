@@ -136,6 +136,8 @@ def learn_postprocess(
         best = (base, 0.0, False)
         for largest in (False, True):
             for v in sorted(candidates):
+                if v <= 0 and not largest:
+                    continue  # doing nothing: scored above as the base
                 d = score(v, largest)
                 if d > best[0] + 1e-6:
                     best = (d, float(v), largest)

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from menseg.config import AugConfig, Config
-from menseg.data.sampling import PatchSampler, choose_start, crop_pad
+from menseg.data.sampling import PatchChoice, PatchSampler, choose_start
 from menseg.train.augment import apply_augment, augment_batch, sample_augment
 from menseg.train.parts import Part, TrainSetup, full_precision, register
 from menseg.utils import derive_seed
@@ -71,15 +70,6 @@ def sample_lambda(rng: np.random.Generator, label: np.ndarray, spacing: Sequence
     return float(rng.uniform(-r / 2, r)) if r > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class PartnerDraw:
-    """What one sample of a step draws first: whether it is mixed, and the partner (case, patch start)."""
-
-    mixed: bool
-    case: int = -1
-    start: tuple[int, int, int] = (0, 0, 0)
-
-
 class _CopyPaste(Part):
     """Shared by the copy-paste parts: per sample, with probability ``p``, a tumour-centred patch of another
     case of the run's sampler is the partner; :meth:`paste` (the method) puts it into the sample."""
@@ -87,6 +77,7 @@ class _CopyPaste(Part):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.sampler: PatchSampler | None = None
+        self.with_tumour: list[int] = []  #: the sampler's cases with tumour voxels (possible partners)
         self.shard = range(0)
         self.last_mixed = 0.0
         self.count_key = f"{self.name}_mixed"
@@ -97,36 +88,35 @@ class _CopyPaste(Part):
 
     def setup(self, run: TrainSetup) -> None:
         self.sampler = run.sampler
+        self.with_tumour = [i for i, fg in enumerate(self.sampler.fg) if len(fg)]
         self.shard = run.shard
 
-    def draw(self, step: int, sample: int) -> tuple[PartnerDraw, np.random.Generator]:
-        """The partner of global ``sample`` of ``step`` and the generator the method goes on drawing from."""
+    def draw(self, step: int, sample: int) -> tuple[PatchChoice | None, np.random.Generator]:
+        """The partner patch of global ``sample`` of ``step`` (None: not mixed) and the generator the
+        method goes on drawing from."""
         assert self.sampler is not None
         rng = np.random.default_rng(derive_seed(self.cfg.train.seed, self.name, step, sample))
-        with_tumour = [i for i, fg in enumerate(self.sampler.fg) if len(fg)]
-        if rng.random() >= self.p or not with_tumour:
-            return PartnerDraw(False), rng
-        case = with_tumour[int(rng.integers(len(with_tumour)))]
+        if rng.random() >= self.p or not self.with_tumour:
+            return None, rng
+        case = self.with_tumour[int(rng.integers(len(self.with_tumour)))]
         label = self.sampler.cases[case][1]
         start = choose_start(label.shape, self.sampler.patch_size, rng, self.sampler.fg[case])
-        return PartnerDraw(True, case, tuple(int(v) for v in start)), rng  # type: ignore[arg-type]
+        return PatchChoice(case, start, True), rng
 
-    def partner(self, d: PartnerDraw) -> tuple[Tensor, Tensor]:
+    def partner(self, choice: PatchChoice) -> tuple[Tensor, Tensor]:
         """The partner patch ``(image (4, *patch) f32, label (*patch) uint8)``."""
         assert self.sampler is not None
-        image, label = self.sampler.cases[d.case]
-        ps = self.sampler.patch_size
-        return (torch.from_numpy(crop_pad(image, d.start, ps).astype(np.float32, copy=False)),
-                torch.from_numpy(crop_pad(label, d.start, ps).astype(np.uint8, copy=False)))
+        image, label = self.sampler.extract(choice)
+        return torch.from_numpy(image), torch.from_numpy(label)
 
-    def paste(self, step: int, rows: list[tuple[int, int, PartnerDraw, np.random.Generator]], img: Tensor,
+    def paste(self, step: int, rows: list[tuple[int, int, PatchChoice, np.random.Generator]], img: Tensor,
               lab: Tensor) -> None:
         """Paste the partners of ``rows`` (``(row, global sample, draw, rng)``) into ``img`` / ``lab``."""
         raise NotImplementedError
 
     def mix_batch(self, step: int, img: Tensor, lab: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
         draws = [(b, g, *self.draw(step, g)) for b, g in enumerate(self.shard)]
-        rows = [(b, g, d, rng) for b, g, d, rng in draws if d.mixed]
+        rows = [(b, g, d, rng) for b, g, d, rng in draws if d is not None]
         self.last_mixed = float(len(rows))
         if not rows:
             return img, lab
@@ -152,7 +142,7 @@ class CarveMixPart(_CopyPaste):
     def enabled(cls, cfg: Config) -> bool:
         return cfg.carvemix.enabled
 
-    def paste(self, step: int, rows: list[tuple[int, int, PartnerDraw, np.random.Generator]], img: Tensor,
+    def paste(self, step: int, rows: list[tuple[int, int, PatchChoice, np.random.Generator]], img: Tensor,
               lab: Tensor) -> None:
         spacing = self.cfg.data.spacing
         parts = [self.partner(d) for _, _, d, _ in rows]
@@ -202,7 +192,7 @@ class TumorCPPart(_CopyPaste):
         on = {"p_flip": t.p_transform, "p_rotate": t.p_transform, "p_scale": t.p_transform}  # flips: per axis
         return AugConfig(**{**off, **on}, rotate_deg=t.rotate_deg, scale_range=t.scale_range)  # type: ignore[arg-type]
 
-    def paste(self, step: int, rows: list[tuple[int, int, PartnerDraw, np.random.Generator]], img: Tensor,
+    def paste(self, step: int, rows: list[tuple[int, int, PatchChoice, np.random.Generator]], img: Tensor,
               lab: Tensor) -> None:
         t, spacing = self.cfg.tumorcp, self.cfg.data.spacing
         ocfg = self.object_config()
@@ -227,5 +217,5 @@ class TumorCPPart(_CopyPaste):
             lab[b] = torch.where(region, shift_volume(y, offset).to(lab.device, lab.dtype), lab[b])
 
 
-__all__ = ["CarveMixPart", "PartnerDraw", "TumorCPPart", "carve_region", "sample_lambda", "shift_volume",
+__all__ = ["CarveMixPart", "TumorCPPart", "carve_region", "sample_lambda", "shift_volume",
            "signed_distance"]

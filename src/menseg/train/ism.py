@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from menseg.config import Config
-from menseg.data.sampling import PatchSampler, choose_start, crop_pad
+from menseg.data.sampling import PatchChoice, PatchSampler, choose_start
 from menseg.errors import MensegError
 from menseg.ism.modal import sample_presence
 from menseg.ism.model import ISMNet
@@ -97,11 +97,10 @@ class ISMStep:
     def _patch(
         self, sampler: PatchSampler, case: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        image, label = sampler.cases[case]
+        label = sampler.cases[case][1]
         fg = sampler.fg[case] if rng.random() < self.cfg.ism.spatial.partner_fg else None
         start = choose_start(label.shape, sampler.patch_size, rng, fg)
-        return (crop_pad(image, start, sampler.patch_size).astype(np.float32, copy=False),
-                crop_pad(label, start, sampler.patch_size).astype(np.uint8, copy=False))
+        return sampler.extract(PatchChoice(case, start, fg is not None))
 
     def _location(self, step: int, b: int, case: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-location", step, b))

@@ -21,7 +21,7 @@ implements only what it changes:
 - ``batch_stats``: statistics of the step's batch (before the forward);
 - ``forward``: the step's forward, ``(outputs, targets, stats)``; at most one part owns it;
 - ``extra_loss``: a loss term added to the segmentation loss, with its statistics;
-- ``finish``: what the part adds to the final checkpoint (``state_keys``), from the trained model.
+- ``finish``: what the part adds to the final checkpoint, from the trained model.
 
 Adding an idea: subclass :class:`Part`, give it a ``name`` and ``enabled(cfg)``, implement its hooks,
 decorate it with :func:`register` and list its module in :data:`ORDER` (see docs/DESIGN.md).
@@ -116,8 +116,6 @@ class Part:
     uses_unlabelled: ClassVar[bool] = False
     #: how to avoid this part's sample kind (for the error of a part that cannot run on it)
     sample_hint: ClassVar[str] = ""
-    #: keys :meth:`finish` adds to the final checkpoint (a finished run without them is finished again)
-    state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -179,7 +177,8 @@ class Part:
     # ------------------------------------------------------------ after the last step
 
     def finish(self, run: TrainSetup, model: nn.Module) -> dict[str, Any]:
-        """What the part adds to the final checkpoint (under :attr:`state_keys`), from the trained model."""
+        """What the part adds to the final checkpoint, from the trained model (called after the last step,
+        written with that step's checkpoint)."""
         return {}
 
 

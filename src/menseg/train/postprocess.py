@@ -32,7 +32,6 @@ class PostprocessPart(Part):
 
     name = "postprocess"
     runs_on = frozenset({"cases", "visit pairs"})
-    state_keys = ("postprocess",)
 
     @classmethod
     def enabled(cls, cfg: Config) -> bool:

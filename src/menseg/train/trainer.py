@@ -381,6 +381,10 @@ def _train(
         if ctx.main:
             truncate_jsonl(metrics_path, start)
         log.info("resuming %s from step %d", out, start)
+    if start >= tc.steps:
+        log.info("run already complete (%d/%d steps)", start, tc.steps)
+        return out
+
     def make_state(step: int) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
@@ -396,21 +400,7 @@ def _train(
             "val_cases": [c.case_id for c in val_cases],
         }
 
-    def finish() -> None:
-        """The parts' additions to the final checkpoint (e.g. learned post-processing), saved by rank 0."""
-        added: dict[str, Any] = {}
-        for p in parts:
-            added.update(p.finish(run, model))
-        if added and ctx.main:
-            save_checkpoint(latest, {**make_state(tc.steps), **added}, keep_previous=True)
-
-    if start >= tc.steps:
-        log.info("run already complete (%d/%d steps)", start, tc.steps)
-        if state is not None and any(k not in state for p in parts for k in p.state_keys):
-            finish()  # killed between its last step and the parts' final additions
-        return out
-
-    part = ddp.shard(tc.batch_size, ctx)
+    part = run.shard
     ds = (run.batches or StepBatches)(run.sampler, tc.batch_size, tc.seed, part)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     batches = iter_batches(ds, start, end, tc.num_workers, pin=device.type == "cuda")
@@ -507,8 +497,12 @@ def _train(
                 mf.flush()
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 ddp.check_in_sync(ctx, params, device)
+                # the final checkpoint also holds the parts' additions (e.g. learned post-processing), in
+                # the same atomic write: a run is either not finished or finished with them
+                added = ({k: v for p in parts for k, v in p.finish(run, model).items()} if done == tc.steps
+                         else {})
                 if ctx.main:
-                    save_checkpoint(latest, make_state(done), keep_previous=True)
+                    save_checkpoint(latest, {**make_state(done), **added}, keep_previous=True)
             bar.update(1)
             if on_step is not None:
                 on_step(done, tc.steps)
@@ -516,7 +510,6 @@ def _train(
                                                        if "val_mean_dice" in rec else {}))
     bar.close()
     if end == tc.steps:
-        finish()
         log.info("finished %d steps in %.1f s; best val mean Dice %s at step %d; run folder %s",
                  tc.steps, elapsed, f"{best_metric:.4f}" if best_metric > -math.inf else "n/a",
                  best_step, out)
