@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,21 @@ REPORT_FILES = {"report.html", "report.md", "results.csv", "per_case.csv", "test
                 "learning_curve.png", "boxplots.png"}
 
 
-def _profile(tmp: Path, **cohort) -> Path:
+def _profile(tmp: Path, away: list | None = None, budget: dict | None = None, **cohort) -> Path:
     spec = {"site": "site-a", "spacing_mm": 4.0, "n_pool": 3, "n_test": 2, "n_unlabeled": 1, "seed": 0}
     spec.update(cohort)
     path = tmp / "micro.yaml"
-    path.write_text(yaml.safe_dump({"name": "micro", "description": "test", "labeled": [1, 2], "seeds": 2,
-                                    "cohort": spec, "budget": MICRO_BUDGET}))
+    d = {"name": "micro", "description": "test", "labeled": [1, 2], "seeds": 2, "cohort": spec,
+         "budget": {**MICRO_BUDGET, **(budget or {})}}
+    if away is not None:
+        d["away"] = away
+    path.write_text(yaml.safe_dump(d))
     return path
+
+
+#: An away site for the micro protocol: another scanner (1.5 T, 5 mm slices) and other patients.
+MICRO_AWAY = {"site": "site-b", "spacing_mm": 4.0, "n_test": 2, "n_unlabeled": 1, "seed": 1,
+              "lesion": {"volume_median_cm3": 30.0, "site_weights": [["skull_base", 1.0]]}}
 
 
 def _variant(tmp: Path) -> Path:
@@ -93,6 +102,33 @@ def test_profile_errors(tmp_path: Path) -> None:
     bad.write_text("name: x\nbudget: {train.stpes: 3}\n")
     with pytest.raises(MensegError, match="stpes"):
         eff.load_profile(bad)
+    with pytest.raises(MensegError, match="unknown site 'site-x'"):
+        eff.load_profile(_profile(tmp_path, away=[{"site": "site-x"}]))
+    with pytest.raises(MensegError, match="unknown key 'SynthConfig.lesion.volume_mediam_cm3'"):
+        eff.load_profile(_profile(tmp_path, away=[{"site": "site-b", "lesion": {"volume_mediam_cm3": 3}}]))
+    with pytest.raises(MensegError, match="site 'site-a' appears twice"):
+        eff.load_profile(_profile(tmp_path, away=[{"site": "site-a"}]))
+    with pytest.raises(MensegError, match="n_test must be >= 1"):
+        eff.load_profile(_profile(tmp_path, away=[{"site": "site-b", "n_test": 0}]))
+
+
+def test_packaged_medium_profile_has_home_and_two_away_sites_that_differ_beyond_colour() -> None:
+    from menseg.synth.site import site_profile
+
+    med = eff.load_profile("medium")
+    home, away = med.cohort, med.away
+    assert len(away) >= 2 and med.ceiling
+    assert home.n_test >= 30 and home.n_pool >= 40 and all(a.n_test >= 20 for a in away)
+    sites = [site_profile(c.site) for c in (home, *away)]
+    assert len({s.field_t for s in sites}) == 2  # 1.5 T and 3 T
+    thick = [max(s.t2w.voxel_mm) for s in sites]
+    assert thick[0] < min(thick[1:])  # the away sites acquire thicker slices
+    planes = {int(max(range(3), key=lambda i: s.t2f.voxel_mm[i])) for s in sites[1:]}
+    assert len(planes) == 2  # one away site axial, one coronal
+    for a in away:  # other patient populations: location mix, sizes, en plaque, oedema
+        cfg, base = a.synth_config().lesion, home.synth_config().lesion
+        assert cfg.site_weights != base.site_weights and cfg.volume_median_cm3 != base.volume_median_cm3
+        assert cfg.shape_probs != base.shape_probs and cfg.oedema_p_range != base.oedema_p_range
 
 
 def test_runs_share_subsets_across_variants_and_budget(tmp_path: Path) -> None:
@@ -130,14 +166,44 @@ def test_zero_labelled_cases_run_only_variants_that_need_no_labels(tmp_path: Pat
     assert runs[2].cfg.data.root == str(root)
 
 
+def test_away_sites_adaptation_ceiling_and_bad_requests(tmp_path: Path) -> None:
+    prof_path = _profile(tmp_path, away=[MICRO_AWAY])
+    prof_path.write_text(prof_path.read_text() + "ceiling: true\n")
+    prof = eff.load_profile(prof_path)
+    cache = tmp_path / "cache"
+    data = eff.resolve_data(prof, None, None, None, [1, 2], cache)
+    assert list(data.test_sets) == ["home", "site-b"] and len(data.test_sets["site-b"]) == 2
+    assert all(c.case_id.startswith("SITEB-TEST") for c in data.test_sets["site-b"])
+    assert set(data.unlabeled) == {"home", "site-b"}
+    runs = eff.plan_runs(tmp_path / "b", ["baseline", "sim2real"], [1, 2], [0], prof, data,
+                         adapt=["sim2real@site-b"])
+    assert [(r.variant, r.n_labeled, r.unlabeled_from) for r in runs] == [
+        ("baseline", 1, None), ("sim2real", 1, "home"), ("sim2real@site-b", 1, "site-b"),
+        ("baseline", 2, None), ("sim2real", 2, "home"), ("sim2real@site-b", 2, "site-b"),
+        ("baseline", 3, None)]  # the ceiling: the reference on the whole pool (3 cases)
+    assert runs[2].cfg.data.unlabeled_root == str(data.unlabeled["site-b"])
+    assert runs[1].cfg.data.unlabeled_root == str(data.unlabeled["home"])
+    assert runs[2].train_cases == runs[1].train_cases  # same labelled subset, other unlabelled scans
+    with pytest.raises(MensegError, match="unknown away site 'site-q'"):
+        eff.plan_runs(tmp_path / "b", ["baseline"], [1], [0], prof, data, adapt=["sim2real@site-q"])
+    with pytest.raises(MensegError, match="takes VARIANT@SITE"):
+        eff.plan_runs(tmp_path / "b", ["baseline"], [1], [0], prof, data, adapt=["sim2real"])
+    with pytest.raises(MensegError, match="baseline uses no unlabelled scans"):
+        eff.plan_runs(tmp_path / "b", ["baseline"], [1], [0], prof, data, adapt=["baseline@site-b"])
+    with pytest.raises(MensegError, match="--test-size 5 is outside 1..2"):
+        eff.resolve_data(prof, None, None, 5, [1], cache)
+    assert len(eff.resolve_data(prof, None, None, 1, [1], cache).test) == 1
+
+
 # ---------------------------------------------------------------- micro benchmark
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> dict:
-    """The whole benchmark through the command line: embedded cohort, 2 variants x 2 N x 2 seeds."""
+    """The whole benchmark through the command line: embedded cohort with a home and an away site,
+    2 variants x 2 N x 2 seeds, learned post-processing."""
     tmp = tmp_path_factory.mktemp("micro")
-    prof, variant = _profile(tmp), _variant(tmp)
+    prof, variant = _profile(tmp, away=[MICRO_AWAY], budget={"postprocess.learn": True}), _variant(tmp)
     out = tmp / "bench"
     r = subprocess.run(
         [sys.executable, "-m", "menseg", "bench", "efficiency", "--out", str(out), "--profile", str(prof),
@@ -154,20 +220,26 @@ def test_micro_benchmark_writes_every_report_file(micro: dict) -> None:
     report = out / "report"
     written = {p.name for p in report.iterdir()}
     assert REPORT_FILES <= written
-    assert {"overlays_baseline.png", "overlays_noflip.png"} <= written
+    assert {"overlays_baseline.png", "overlays_noflip.png", "learning_curve_site-b.png"} <= written
     assert set(files) == {"report.html", "report.md", "results.csv"}  # what the command prints
     assert all(p.is_file() and p.stat().st_size > 0 for p in files.values())
     assert "benchmark" in micro["stderr"] and "run 8/8" in micro["stderr"]  # the progress display
     rows = list(csv.DictReader(open(report / "results.csv")))
+    assert {r["test_set"] for r in rows} == {"home", "site-b"}
+    rows = [r for r in rows if r["test_set"] == "home"]
     assert [(r["variant"], int(r["n_labeled"])) for r in rows] == [
         ("baseline", 1), ("baseline", 2), ("noflip", 1), ("noflip", 2)]
     assert all(int(r["n_seeds"]) == 2 and int(r["n_test_cases"]) == 2 for r in rows)
     per_case = list(csv.DictReader(open(report / "per_case.csv")))
-    assert len(per_case) == 2 * 2 * 2 * 2  # variants x N x seeds x test cases
+    assert len(per_case) == 2 * 2 * 2 * 2 * 2  # test sets x variants x N x seeds x test cases
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
     md = (report / "report.md").read_text()
     assert "micro" in md and "learning_curve.png" in md
+    for heading in ("Headline: WT lesion-wise Dice by test set", "away test set site-b",
+                    "Learned post-processing", "Detectable difference per N and test set",
+                    "Differences from baseline"):
+        assert heading in md, heading
 
 
 def test_micro_runs_train_on_their_subset_and_test_on_the_fixed_split(micro: dict) -> None:
@@ -178,12 +250,17 @@ def test_micro_runs_train_on_their_subset_and_test_on_the_fixed_split(micro: dic
         done = json.loads(run_json.read_text())
         assert len(done["train_cases"]) == done["n_labeled"]
         assert set(done["train_cases"]) <= set(plan["pool"])
-        assert sorted(done["metrics"]) == plan["test"]
+        assert list(done["metrics"]) == ["home", "site-b"] == list(plan["test_sets"])
+        assert sorted(done["metrics"]["home"]) == plan["test"] == plan["test_sets"]["home"]
+        assert sorted(done["metrics"]["site-b"]) == plan["test_sets"]["site-b"]
+        assert set(done["postprocess"]) == {"ET", "TC", "WT"}  # learned, and scored without it too
+        assert sorted(done["metrics_fixed"]["home"]) == plan["test"]
         ckpt_cfg = yaml.safe_load((run_json.parent / "train" / "config.yaml").read_text())
         assert ckpt_cfg["data"]["cases"] == done["train_cases"]
         assert ckpt_cfg["train"]["steps"] == 2
-        assert sorted(p.name for p in (run_json.parent / "predictions").iterdir()) == [
-            f"{c}.nii.gz" for c in plan["test"]]
+        for name, ids in plan["test_sets"].items():
+            assert sorted(p.name for p in (run_json.parent / "predictions" / name).iterdir()) == [
+                f"{c}.nii.gz" for c in ids]
 
 
 def test_finished_runs_are_never_redone(micro: dict, monkeypatch) -> None:
@@ -228,7 +305,7 @@ def test_config_added_later_at_its_default_is_not_a_change(tmp_path: Path) -> No
 
 
 def test_changed_budget_or_data_is_refused(micro: dict) -> None:
-    with pytest.raises(MensegError, match="another overrides"):
+    with pytest.raises(MensegError, match=r"another protocol \(overrides"):
         eff.run_efficiency(micro["out"], ["baseline"], profile=micro["profile"], device="cpu",
                            cache_dir=micro["tmp"] / "cache", progress=False, overrides=["train.lr=0.1"])
 
@@ -272,18 +349,18 @@ def test_unfinished_training_resumes_from_its_checkpoint(tmp_path: Path, monkeyp
     real = trainer.train
     monkeypatch.setattr(trainer, "train", lambda cfg, resume=False, **k: (resumed.append(resume),
                                                                           real(cfg, resume, **k))[1])
-    done = eff.execute_run(run, data.test, "cpu")
+    done = eff.execute_run(run, data.test_sets, "cpu")
     assert resumed == [True]
     lines = (run.folder / "train" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
-    assert sorted(done["metrics"]) == sorted(c.case_id for c in data.test)
+    assert sorted(done["metrics"]["home"]) == sorted(c.case_id for c in data.test)
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
     prof = _profile(tmp_path)
     with pytest.raises(MensegError, match="at least 0"):
         eff.run_efficiency(tmp_path / "b", labeled=[-1, 3], profile=prof, cache_dir=tmp_path, progress=False)
-    with pytest.raises(MensegError, match="--test-size applies to --data"):
+    with pytest.raises(MensegError, match="--test-size 3 is outside 1..2"):
         eff.run_efficiency(tmp_path / "b", profile=prof, test_size=3, cache_dir=tmp_path, progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("mine")
@@ -308,3 +385,60 @@ def test_a_foreign_folder_is_left_untouched_and_a_killed_first_write_is_no_obsta
     (killed / ".lock").write_text("")
     assert not eff._foreign(killed)
     assert eff._foreign(foreign)
+
+
+def test_a_committed_results_folder_continues_on_another_machine(micro: dict, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Commit the micro benchmark's results folder, clone it elsewhere (other paths, a cold cohort
+    cache), drop one run: only that run is trained; another protocol is refused."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    repo = tmp_path / "repo"
+    shutil.copytree(micro["out"], repo / "bench")
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "results"], check=True)
+    tracked = subprocess.run([*git, "-C", str(repo), "ls-files"], check=True, capture_output=True,
+                             text=True).stdout.split()
+    assert "bench/bench.json" in tracked and "bench/runs/noflip/n2/seed1/run.json" in tracked
+    assert not [f for f in tracked if "/train/" in f or "/predictions" in f or "preprocessed/" in f]
+    clone = tmp_path / "elsewhere"
+    subprocess.run([*git, "clone", "-q", str(repo), str(clone)], check=True)
+    out = clone / "bench"
+    shutil.rmtree(out / "runs" / "noflip" / "n2" / "seed1")  # the run that did not finish there
+    kept = {p: p.read_bytes() for p in (out / "runs").glob("*/*/*/run.json")}
+    trained: list[str] = []
+    real = eff.execute_run
+    monkeypatch.setattr(eff, "execute_run",
+                        lambda run, *a, **k: (trained.append(run.key), real(run, *a, **k))[1])
+    files = eff.run_efficiency(out, ["baseline", str(micro["variant"])], profile=micro["profile"],
+                               device="cpu", cache_dir=tmp_path / "cold-cache", progress=False)
+    assert trained == ["noflip/n2/seed1"]
+    assert {p: p.read_bytes() for p in kept} == kept  # finished runs untouched
+    assert (out / "runs" / "noflip" / "n2" / "seed1" / "run.json").is_file()
+    rows = list(csv.DictReader(open(files["results.csv"])))
+    assert all(int(r["n_seeds"]) == 2 for r in rows)  # the report covers every run, old and new
+    other = yaml.safe_load(micro["profile"].read_text())
+    other["away"][0]["seed"] = 7  # another away cohort: another protocol
+    moved = tmp_path / "other.yaml"
+    moved.write_text(yaml.safe_dump(other))
+    with pytest.raises(MensegError, match=r"another protocol \(cohorts"):
+        eff.run_efficiency(out, ["baseline"], profile=moved, device="cpu", cache_dir=tmp_path / "cold-cache",
+                           progress=False)
+
+
+def test_report_only_writes_the_report_of_finished_runs_and_trains_nothing(micro: dict, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    out = tmp_path / "partial"
+    shutil.copytree(micro["out"], out)
+    shutil.rmtree(out / "report")
+    shutil.rmtree(out / "runs" / "noflip")
+    monkeypatch.setattr(eff, "execute_run", lambda *a, **k: pytest.fail("--report-only trained"))
+    files = eff.run_efficiency(out, ["baseline", str(micro["variant"])], profile=micro["profile"],
+                               device="cpu", cache_dir=micro["tmp"] / "cache", progress=False,
+                               report_only=True)
+    rows = list(csv.DictReader(open(files["results.csv"])))
+    assert {r["variant"] for r in rows} == {"baseline"}
+    assert "runs finished: 4 of 8" in files["report.md"].read_text()
+    with pytest.raises(MensegError, match="no benchmark here"):
+        eff.run_efficiency(tmp_path / "empty", profile=micro["profile"], report_only=True, progress=False)
+    assert not (tmp_path / "empty").exists()

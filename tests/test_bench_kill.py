@@ -57,7 +57,7 @@ def _run_dirs(out: Path) -> list[Path]:
 def _snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
     """mtime and bytes of what a finished run wrote: any retraining or re-evaluation changes them."""
     files = [run / "run.json", run / "train" / "latest.pt", run / "train" / "metrics.jsonl",
-             run / "evaluation" / "metrics.csv", *sorted((run / "predictions").iterdir())]
+             run / "evaluation" / "home" / "metrics.csv", *sorted((run / "predictions" / "home").iterdir())]
     return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
 
 

@@ -107,18 +107,18 @@ def test_report_two_variants(tmp_path):
         ("baseline", "2"), ("baseline", "3"), ("ism", "2"), ("ism", "3")]
     assert len(rows) == len(agg)
     for got, want in zip(rows, agg, strict=True):
-        assert list(got) == list(want)
+        assert list(got) == ["test_set", *want] and got["test_set"] == "home"
         for m in table_metrics():
             for k in (f"{m}_mean", f"{m}_std"):
                 assert float(got[k]) == want[k]
     per_case = _csv(written["per_case.csv"])
     assert len(per_case) == len(recs) * len(cases)
-    assert list(per_case[0]) == ["variant", "n_labeled", "seed", "case_id", *metric_names()]
+    assert list(per_case[0]) == ["test_set", "variant", "n_labeled", "seed", "case_id", *metric_names()]
     r0 = next(r for r in recs if (r.variant, r.n_labeled, r.seed) == ("baseline", 2, 0))
     assert float(per_case[0]["WT_lesion_dice"]) == r0.metrics["case0"]["WT_lesion_dice"]
     tests = _csv(written["tests.csv"])
     assert len(tests) == 2 * len(table_metrics())  # ism vs baseline at N = 2, 3
-    assert list(tests[0]) == list(TEST_COLUMNS)
+    assert list(tests[0]) == ["test_set", *TEST_COLUMNS]
     assert {t["variant"] for t in tests} == {"ism"} and {t["reference"] for t in tests} == {"baseline"}
 
     md = written["report.md"].read_text()
@@ -148,7 +148,7 @@ def test_report_one_variant_one_seed_minimal_meta(tmp_path):
     assert "overlays_solo.png" in written
     (row,) = _csv(written["results.csv"])
     assert row["n_seeds"] == "1" and float(row["WT_lesion_dice_std"]) == 0.0
-    assert written["tests.csv"].read_text().strip() == ",".join(TEST_COLUMNS)
+    assert written["tests.csv"].read_text().strip() == ",".join(["test_set", *TEST_COLUMNS])
     md = written["report.md"].read_text()
     assert "one variant only: no paired tests" in md
     _check_html_self_contained(written["report.html"].read_text(), n_images=3)
@@ -157,3 +157,45 @@ def test_report_one_variant_one_seed_minimal_meta(tmp_path):
 def test_report_needs_records(tmp_path):
     with pytest.raises(MensegError, match="no finished runs"):
         write_report(tmp_path, [], {}, {})
+
+
+def test_report_home_and_away_with_drop_ceiling_power_and_postprocessing(tmp_path):
+    """Two test sets, an adapted variant, the ceiling and learned post-processing: the headline
+    numbers are the means the records hold."""
+    cases = _test_cases(tmp_path / "data", n=2)
+    names = metric_names()
+
+    def rec(variant, n, seed, test_set, wt, fixed=None, unl=None):
+        def table(wt):
+            return {c: {m: (wt[i] if m == "WT_lesion_dice" else 0.5) for m in names}
+                    for i, c in enumerate(cases)}
+
+        metrics, mf = table(wt), (table(fixed) if fixed else None)
+        return RunRecord(variant, n, seed, (), metrics, str(tmp_path / "none"), 10.0, 1.0, test_set, mf, unl)
+
+    recs = []
+    for s in (0, 1):
+        recs += [rec("baseline", 3, s, "home", [0.75, 0.25], fixed=[0.5, 0.25]),
+                 rec("baseline", 3, s, "site-b", [0.25, 0.25]),
+                 rec("baseline", 8, s, "home", [1.0, 0.6]),  # the ceiling: whole pool
+                 rec("baseline", 8, s, "site-b", [0.5, 0.5]),
+                 rec("sim2real@site-b", 3, s, "home", [0.75, 0.25 + 0.125 * s], unl="site-b"),
+                 rec("sim2real@site-b", 3, s, "site-b", [0.5, 0.5 + 0.0625 * s], unl="site-b")]
+    meta = {"variants": ["baseline", "sim2real@site-b"], "ceiling_n": 8}
+    written = write_report(tmp_path / "report", recs, meta, {"home": cases})
+    assert "learning_curve_site-b.png" in written and "boxplots_site-b.png" in written
+    md = written["report.md"].read_text()
+    head = md.split("## Headline")[1].split("\n## ")[0]
+    # baseline N=3: home 0.5, site-b 0.25 -> drop +0.250; ceiling home 0.8 -> 62%
+    assert "| baseline | none | 3 | 2 | 0.500 ± 0.000 | 0.250 ± 0.000 | +0.250 | 62% |" in head
+    # adapted variant: home per seed 0.5, 0.5625 -> 0.531 ± 0.044; site-b 0.5, 0.53125
+    assert "| sim2real@site-b | site-b | 3 | 2 | 0.531 ± 0.044 | 0.516 ± 0.022 | +0.016 | 66% |" in head
+    pp = md.split("## Learned post-processing")[1].split("\n## ")[0]
+    assert "| baseline | 3 | 0.500 vs 0.375 (+0.125) | n/a |" in pp
+    diffs = md.split("## Differences from baseline")[1].split("\n## ")[0]
+    assert "| sim2real@site-b | 3 | +0.031 (detectable" in diffs
+    assert "## Detectable difference per N and test set" in md
+    tests = _csv(written["tests.csv"])
+    assert {t["test_set"] for t in tests} == {"home", "site-b"}
+    wt_home = next(t for t in tests if t["test_set"] == "home" and t["metric"] == "WT_lesion_dice")
+    assert float(wt_home["mean_diff"]) == pytest.approx(0.03125) and float(wt_home["detectable"]) > 0

@@ -14,6 +14,7 @@ from menseg.bench.stats import (
     TABLE_METRICS,
     RunRecord,
     aggregate,
+    detectable_difference,
     holm,
     paired_tests,
     per_case_means,
@@ -114,6 +115,10 @@ def test_paired_tests_exact():
     assert dice["mean_diff"] == pytest.approx(21 / 64 / 6, rel=1e-15)
     assert dice["median_diff"] == (3 / 64 + 4 / 64) / 2
     assert dice["note"] == ""
+    d = [x / 64 for x in range(1, 7)]  # seed-averaged differences: delta (2 delta + 0) / 2
+    sd = math.sqrt(sum((x - sum(d) / 6) ** 2 for x in d) / 5)
+    assert dice["sd_diff"] == pytest.approx(sd, rel=1e-12)
+    assert dice["detectable"] == pytest.approx(detectable_difference(sd, 6), rel=1e-12)
     # HD95 d = [-1, -2, 3, -4, 0, -6]: lower is better -> 4 wins, 1 loss, 1 tie.
     # zero dropped; |d| ranks 1..5, only +3 (rank 3) positive: W+ = 3, W- = 12, statistic 3.
     # Subsets of ranks {1..5} with sum <= 3: {}, {1}, {2}, {3}, {1,2} -> 5 of 32 -> p = 10/32.
@@ -174,3 +179,19 @@ def test_duplicate_seed_and_missing_metric_errors():
         aggregate(recs, ["WT_lesion_dice"])
     with pytest.raises(MensegError, match="no runs"):
         per_case_means(recs, "base", 7, D)
+
+
+def test_detectable_difference_has_the_stated_power():
+    from scipy import stats
+
+    # hand value: (t_{0.975,9} + t_{0.8,9}) / sqrt(10) = (2.262157 + 0.883404) / 3.162278
+    assert detectable_difference(1.0, 10) == pytest.approx(0.994714, abs=1e-5)
+    for n, sd in ((6, 0.1), (30, 0.2), (120, 0.15)):
+        delta = detectable_difference(sd, n)
+        # power of the two-sided paired t-test at that true difference (noncentral t): about 0.8
+        df, nc = n - 1, delta / (sd / math.sqrt(n))
+        crit = stats.t.ppf(0.975, df)
+        power = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+        assert 0.78 < power < 0.82, (n, power)
+        assert detectable_difference(sd, 4 * n) < delta / 1.9  # four times the cases: about half
+    assert math.isnan(detectable_difference(0.1, 1)) and detectable_difference(0.0, 5) == 0.0

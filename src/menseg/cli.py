@@ -463,11 +463,22 @@ def bench_efficiency(
                           "the reference of the paired tests.")
     ] = "baseline",
     profile: Annotated[
-        str, typer.Option(help="quick (2 CPU cores, < 1 h for the baseline), full (GPU, nnU-Net-like "
-                          "budget) or a profile YAML.")
+        str, typer.Option(help="quick (2 CPU cores, < 1 h for the baseline), medium (home + 2 away sites, "
+                          "case-limited budget), full (GPU, nnU-Net-like budget) or a profile YAML.")
     ] = "quick",
     test_size: Annotated[
-        int | None, typer.Option(help="Cases of --data held out for testing (default: half).")
+        int | None, typer.Option(help="Cases of --data held out for testing (default: half); with the "
+                                 "embedded cohort, how many of its home test cases to use.")
+    ] = None,
+    away: Annotated[
+        list[Path] | None,
+        typer.Option(help="Labelled folder of another site: one more test set, never trained on "
+                     "(repeatable; the profile may add embedded away sites)."),
+    ] = None,
+    adapt: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated VARIANT@SITE: also run VARIANT with that away site's "
+                     "unlabelled scans (adapting to a new hospital), e.g. sim2real@site-b."),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -477,11 +488,17 @@ def bench_efficiency(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache for the embedded cohort (default ~/.cache/menseg).")
     ] = None,
+    report_only: Annotated[
+        bool, typer.Option(help="Write the report from the runs finished so far; train nothing.")
+    ] = False,
 ) -> None:
-    """Quality vs number of labelled cases: every (variant, N, seed) on one budget and test split.
+    """Quality vs number of labelled cases: every (variant, N, seed) on one budget, scored on every
+    test set (home and away sites).
 
     Writes OUT/report/ (report.html, report.md, results.csv, figures). Interrupted? Run the
     same command again: finished runs are kept, an unfinished one resumes from its checkpoint.
+    OUT is a results folder: commit it (its .gitignore leaves out checkpoints and predictions)
+    and the same command continues it on another machine, training only what is missing.
     """
     from menseg.bench.efficiency import run_efficiency
 
@@ -489,6 +506,8 @@ def bench_efficiency(
         out, [v.strip() for v in variants.split(",") if v.strip()],
         _int_list(labeled, "--labeled") if labeled is not None else None, seeds, profile, data, unlabeled,
         test_size, set_ or [], device, cache_dir, command=" ".join(["menseg", *sys.argv[1:]]),
+        away=away or [], adapt=[a.strip() for a in (adapt or "").split(",") if a.strip()],
+        report_only=report_only,
     )
     for name in ("report.html", "report.md", "results.csv"):
         if name in files:

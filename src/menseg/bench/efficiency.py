@@ -43,7 +43,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +62,14 @@ from menseg.utils import (
     json_digest,
     remove_atomic_leftovers,
     write_json_atomic,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
 
 PROFILES_DIR = PACKAGED_CONFIGS / "bench"
 #: Version of the bench.json / run.json formats.
-BENCH_VERSION = 1
+BENCH_VERSION = 2
 #: Bumped when the embedded cohort's recipe changes (invalidates cached cohorts).
 COHORT_VERSION = 1
 
@@ -78,7 +79,14 @@ COHORT_VERSION = 1
 
 @dataclass(frozen=True)
 class CohortSpec:
-    """The embedded synthetic cohort: one scanner site of the engine's MR-physics model."""
+    """An embedded synthetic cohort: one scanner site of the engine's MR-physics model.
+
+    ``lesion`` and ``anatomy`` override the engine's population priors
+    (:class:`menseg.synth.lesion.LesionConfig`, :class:`menseg.synth.anatomy.AnatomyConfig`),
+    so that another hospital can differ in its patients (location mix, sizes, en-plaque
+    share, oedema rate) as well as in its scanner (``site``: field strength, sequences,
+    slice thickness and plane).
+    """
 
     site: str = "site-a"
     spacing_mm: float = 2.0
@@ -86,11 +94,43 @@ class CohortSpec:
     n_test: int = 12
     n_unlabeled: int = 8
     seed: int = 0
+    lesion: dict[str, Any] = dataclasses.field(default_factory=dict)
+    anatomy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: case ids are ``<prefix>-POOL-...``, ``<prefix>-TEST-...``, ``<prefix>-UNLAB-...``
+    prefix: str = "BENCH"
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the cohort's data (fields at their defaults that were added later are left
+        out, so the caches of older cohorts stay valid)."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items()
+                if not ((k in ("lesion", "anatomy") and not v) or (k == "prefix" and v == "BENCH"))}
+
+    def synth_config(self) -> Any:
+        """The engine's :class:`~menseg.synth.engine.SynthConfig` of this cohort (MensegError on a bad
+        site or prior key)."""
+        from menseg.synth.engine import SynthConfig, with_spacing
+        from menseg.synth.site import site_profile
+
+        site_profile(self.site)  # unknown site: one-line error listing the known ones
+        d = with_spacing(SynthConfig(), self.spacing_mm).to_dict()
+        d["site"] = self.site
+        for section in ("lesion", "anatomy"):
+            overrides = getattr(self, section)
+            if not isinstance(overrides, dict):
+                raise MensegError(f"cohort {section} priors must be a mapping, got {overrides!r}")
+            d[section].update(overrides)
+        return SynthConfig.from_dict(d)
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A benchmark budget: defaults for N and seeds, the cohort, and config overrides."""
+    """A benchmark budget: defaults for N and seeds, the cohorts, and config overrides.
+
+    ``cohort`` is the home site (labelled pool, unlabelled scans, home test set); ``away``
+    are other sites nobody trains on (test sets, and unlabelled scans for ``--adapt``);
+    ``ceiling`` adds runs of the reference variant on the whole labelled pool.
+    """
 
     name: str
     description: str
@@ -98,6 +138,8 @@ class Profile:
     seeds: int
     cohort: CohortSpec
     budget: dict[str, Any]
+    away: tuple[CohortSpec, ...] = ()
+    ceiling: bool = False
 
     def overrides(self) -> list[str]:
         """The budget as ``key=value`` overrides for :func:`menseg.config.load_config`."""
@@ -110,7 +152,7 @@ def profile_names() -> list[str]:
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
-    """A packaged profile (``quick``, ``full``) or a profile YAML file."""
+    """A packaged profile (``quick``, ``medium``, ``full``) or a profile YAML file."""
     p = Path(name_or_path)
     if not p.is_file():
         p = PROFILES_DIR / f"{name_or_path}.yaml"
@@ -122,14 +164,21 @@ def load_profile(name_or_path: str | Path) -> Profile:
         d = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise MensegError(f"profile is not valid YAML ({e})", p) from None
-    known = {"name", "description", "labeled", "seeds", "cohort", "budget"}
+    known = {"name", "description", "labeled", "seeds", "cohort", "budget", "away", "ceiling"}
     if not isinstance(d, dict) or set(d) - known:
         bad = sorted(set(d) - known) if isinstance(d, dict) else ["(not a mapping)"]
         raise MensegError(f"unknown profile key '{bad[0]}' (known: {', '.join(sorted(known))})", p)
-    try:
-        cohort = CohortSpec(**(d.get("cohort") or {}))
-    except TypeError as e:
-        raise MensegError(f"bad cohort section ({e})", p) from None
+    cohort = _cohort(d.get("cohort") or {}, p, "cohort")
+    away_list = d.get("away") or []
+    if not isinstance(away_list, list):
+        raise MensegError("away must be a list of cohorts (one per site)", p)
+    # away sites train nothing: no labelled pool unless the profile says otherwise
+    away = tuple(_cohort({"n_pool": 0, "n_unlabeled": 0, "prefix": _site_prefix(a.get("site")), **a}
+                         if isinstance(a, dict) else a, p, "away") for a in away_list)
+    sites = [cohort.site, *(a.site for a in away)]
+    if len(set(sites)) != len(sites):
+        raise MensegError(f"site '{next(s for s in sites if sites.count(s) > 1)}' appears twice in the "
+                          "profile (home and away sites must differ)", p)
     budget = d.get("budget") or {}
     if not isinstance(budget, dict):
         raise MensegError("budget must be a mapping of config keys to values", p)
@@ -140,9 +189,32 @@ def load_profile(name_or_path: str | Path) -> Profile:
         seeds=int(d.get("seeds", 3)),
         cohort=cohort,
         budget=dict(budget),
+        away=away,
+        ceiling=bool(d.get("ceiling", False)),
     )
     load_config("baseline", prof.overrides())  # every budget key must be a valid config key
     return prof
+
+
+def _site_prefix(site: Any) -> str:
+    """Case-id prefix of an away site's cohort: ``site-b`` -> ``SITEB``."""
+    return "".join(ch for ch in str(site).upper() if ch.isalnum()) or "AWAY"
+
+
+def _cohort(d: Any, path: Path, section: str) -> CohortSpec:
+    if not isinstance(d, dict):
+        raise MensegError(f"bad {section} section (not a mapping)", path)
+    try:
+        spec = CohortSpec(**d)
+    except TypeError as e:
+        raise MensegError(f"bad {section} section ({e})", path) from None
+    try:
+        spec.synth_config()
+    except MensegError as e:
+        raise MensegError(f"bad {section} section: {e}", path) from None
+    if spec.n_test < 1 or spec.n_pool < 0 or spec.n_unlabeled < 0:
+        raise MensegError(f"bad {section} section: n_test must be >= 1, n_pool and n_unlabeled >= 0", path)
+    return spec
 
 
 # ---------------------------------------------------------------- data
@@ -163,18 +235,18 @@ def embedded_cohort(spec: CohortSpec, cache_dir: str | Path | None = None) -> Pa
     in the BraTS layout, plus ``cohort.json``. Built in a temporary folder and renamed,
     so an interrupted build leaves nothing that looks finished.
     """
-    from menseg.synth.engine import SIDECAR_VERSION, SynthConfig, synth_dataset, with_spacing
+    from menseg.synth.engine import SIDECAR_VERSION, synth_dataset
 
-    key = {"cohort": dataclasses.asdict(spec), "version": COHORT_VERSION, "sidecar": SIDECAR_VERSION}
+    key = {"cohort": spec.key(), "version": COHORT_VERSION, "sidecar": SIDECAR_VERSION}
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / "cohorts" / f"{spec.site}-{spec.spacing_mm:g}mm-{json_digest(key)[:12]}"
     if (folder / "cohort.json").is_file():
         return folder
-    if min(spec.n_pool, spec.n_test) < 1 or spec.n_unlabeled < 0:
-        raise MensegError(f"cohort sizes must be positive, got {spec}")
+    if spec.n_test < 1 or spec.n_pool < 0 or spec.n_unlabeled < 0:
+        raise MensegError(f"cohort needs at least one test case and no negative size, got {spec}")
     log.info("generating the embedded %s cohort (%d pool, %d test, %d unlabelled cases at %g mm) in %s",
              spec.site, spec.n_pool, spec.n_test, spec.n_unlabeled, spec.spacing_mm, folder)
-    cfg = dataclasses.replace(with_spacing(SynthConfig(), spec.spacing_mm), site=spec.site)
+    cfg = spec.synth_config()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -185,7 +257,8 @@ def embedded_cohort(spec: CohortSpec, cache_dir: str | Path | None = None) -> Pa
             if n == 0:
                 continue
             seed = derive_seed(spec.seed, "cohort", i)
-            synth_dataset(tmp / sub, n, "brats", seed=seed, cfg=cfg, prefix=f"BENCH-{tag}", device="cpu",
+            synth_dataset(tmp / sub, n, "brats", seed=seed, cfg=cfg, prefix=f"{spec.prefix}-{tag}",
+                          device="cpu",
                           preview=sub == "test", max_previews=4)
         for seg in (tmp / "unlabeled").glob("*/*-seg.nii.gz"):
             seg.unlink()
@@ -200,16 +273,38 @@ def embedded_cohort(spec: CohortSpec, cache_dir: str | Path | None = None) -> Pa
     return folder
 
 
+#: Name of the home site's test set (away test sets are named after their site or folder).
+HOME = "home"
+
+
 @dataclass(frozen=True)
 class BenchData:
-    """The labelled pool, the fixed test split and the optional unlabelled scans."""
+    """The labelled pool, the test sets (home first) and the unlabelled scans per site."""
 
     description: str
     pool: tuple[CaseFiles, ...]
-    test: tuple[CaseFiles, ...]
-    unlabeled_root: Path | None
-    n_unlabeled: int
+    test_sets: dict[str, tuple[CaseFiles, ...]]
+    unlabeled: dict[str, Path]  #: site -> folder of unlabelled scans (HOME: the home site's)
     roots: tuple[Path, ...]  #: data.root of the runs (the pool's folder)
+    cohorts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  #: site -> cohort key
+
+    @property
+    def test(self) -> tuple[CaseFiles, ...]:
+        """The home test set."""
+        return self.test_sets[HOME]
+
+    @property
+    def unlabeled_root(self) -> Path | None:
+        """The home site's unlabelled scans (what the variants use unless adapting to a site)."""
+        return self.unlabeled.get(HOME)
+
+    @property
+    def n_unlabeled(self) -> int:
+        return _count_unlabeled(self.unlabeled_root)
+
+    def unlabeled_ids(self) -> dict[str, list[str]]:
+        """Site -> sorted case ids of its unlabelled scans (part of the protocol)."""
+        return {k: sorted(c.case_id for c in discover_cases(v)) for k, v in self.unlabeled.items()}
 
 
 def split_test(ids: Sequence[str], test_size: int) -> tuple[list[str], list[str]]:
@@ -260,20 +355,41 @@ def resolve_data(
     test_size: int | None,
     labeled: Sequence[int],
     cache_dir: str | Path | None = None,
+    away: Sequence[str | Path] = (),
 ) -> BenchData:
-    """The benchmark's data: the embedded cohort (``data`` None) or the user's dataset."""
+    """The benchmark's data: the embedded cohorts (``data`` None) or the user's dataset.
+
+    ``away``: labelled folders of other sites, each one more test set named after the folder
+    (added to the profile's away cohorts when the embedded data is used).
+    ``test_size``: with ``data``, the cases held out for the home test set (default half); with
+    the embedded cohort, how many of its test cases to use (at most what it holds).
+    """
     unl = Path(unlabeled) if unlabeled is not None else None
+    test_sets: dict[str, tuple[CaseFiles, ...]] = {}
+    unl_sites: dict[str, Path] = {}
+    cohorts: dict[str, dict[str, Any]] = {}
     if data is None:
-        if test_size is not None:
-            raise MensegError("--test-size applies to --data; the embedded cohort has a fixed test split")
         folder = embedded_cohort(profile.cohort, cache_dir)
         pool, test = _labelled(folder / "labeled"), _labelled(folder / "test")
+        if test_size is not None:
+            if not 0 < test_size <= len(test):
+                raise MensegError(f"--test-size {test_size} is outside 1..{len(test)}, the test cases the "
+                                  f"embedded cohort ({profile.cohort.site}) holds")
+            test = sorted(test, key=lambda c: c.case_id)[:test_size]
         if unl is None and profile.cohort.n_unlabeled > 0:
             unl = folder / "unlabeled"
         c = profile.cohort
         desc = (f"embedded synthetic cohort ({c.site} MR-physics model, {c.spacing_mm:g} mm): "
-                f"{len(pool)} labelled pool, {len(test)} test cases ({folder})")
+                f"{len(pool)} labelled pool, {len(test)} test cases")
         roots = (folder / "labeled",)
+        cohorts[HOME] = c.key()
+        for spec in profile.away:
+            af = embedded_cohort(spec, cache_dir)
+            test_sets[spec.site] = tuple(_labelled(af / "test"))
+            if spec.n_unlabeled > 0:
+                unl_sites[spec.site] = af / "unlabeled"
+            cohorts[spec.site] = spec.key()
+            desc += f"; away {spec.site}: {spec.n_test} test cases"
     else:
         root = Path(data)
         cases = _labelled(root)
@@ -281,8 +397,18 @@ def resolve_data(
         pool_ids, test_ids = split_test([c.case_id for c in cases], n_test)
         by_id = {c.case_id: c for c in cases}
         pool, test = [by_id[i] for i in pool_ids], [by_id[i] for i in test_ids]
-        desc = f"{root}: {len(cases)} labelled cases, {len(pool)} in the pool, {len(test)} held out for test"
+        desc = (f"{root.name}: {len(cases)} labelled cases, {len(pool)} in the pool, {len(test)} held out "
+                "for test")
         roots = (root,)
+    for extra in away:
+        folder = Path(extra)
+        name = folder.name
+        if name == HOME or name in test_sets:
+            raise MensegError(f"two test sets are named '{name}' (rename the --away folder)", folder)
+        if not folder.is_dir():
+            raise MensegError("--away folder not found", folder)
+        test_sets[name] = tuple(_labelled(folder))
+        desc += f"; away {name}: {len(test_sets[name])} test cases"
     if max(labeled) > len(pool):
         raise MensegError(
             f"{max(labeled)} labelled cases asked for, but only {len(pool)} are in the pool "
@@ -290,15 +416,28 @@ def resolve_data(
         )
     if max(labeled) == len(pool):
         log.warning("the largest N uses the whole pool: its runs differ only in the seed, not the cases")
-    return BenchData(desc, tuple(pool), tuple(test), unl, _count_unlabeled(unl), roots)
+    if unl is not None:
+        _count_unlabeled(unl)  # exists and holds cases
+        unl_sites = {HOME: unl, **unl_sites}
+    return BenchData(desc, tuple(pool), {HOME: tuple(test), **test_sets}, unl_sites, roots, cohorts)
 
 
 # ---------------------------------------------------------------- plan
 
 
+#: Config keys that say where a run is written or run, not what it is: a results folder continued on
+#: another machine (other paths, another device) holds the same runs.
+MACHINE_KEYS: tuple[str, ...] = (
+    "out_dir", "data.cache_dir", "train.device", "data.root", "data.unlabeled_root")
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One (variant, N, seed) run and its resolved config."""
+    """One (variant, N, seed) run and its resolved config.
+
+    ``unlabeled_from``: whose unlabelled scans the run uses (HOME, an away site when it adapts
+    to that site, None when it uses none).
+    """
 
     variant: str
     n_labeled: int
@@ -306,6 +445,7 @@ class RunSpec:
     train_cases: tuple[str, ...]
     folder: Path
     cfg: Config
+    unlabeled_from: str | None = None
 
     @property
     def key(self) -> str:
@@ -314,24 +454,46 @@ class RunSpec:
     def identity(self) -> dict[str, Any]:
         """The flattened config that defines the run (not where it is written or run)."""
         d = flat_config(to_dict(self.cfg))
-        for k in ("out_dir", "data.cache_dir", "train.device"):
-            d.pop(k)
+        for k in MACHINE_KEYS:
+            d.pop(k, None)
         return d
 
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """Keys where ``stored`` (a finished run's identity) differs from this run's.
 
         A key the stored run did not have (a config option added to menseg later) counts
-        as equal when this run leaves it at its default.
+        as equal when this run leaves it at its default; machine-specific keys (paths,
+        device: :data:`MACHINE_KEYS`) are not compared.
         """
         now, default = self.identity(), flat_config(to_dict(Config()))
-        return sorted(k for k in set(now) | set(stored)
-                      if (stored[k] if k in stored else default.get(k)) != now.get(k))
+        keys = (set(now) | set(stored)) - set(MACHINE_KEYS)
+        return sorted(k for k in keys if (stored[k] if k in stored else default.get(k)) != now.get(k))
 
 
 def variant_name(variant: str) -> str:
     """The name a variant is reported under: the config's stem (``configs/ism.yaml`` -> ``ism``)."""
     return Path(variant).name.removesuffix(".yaml").removesuffix(".yml")
+
+
+def parse_adapt(adapt: Sequence[str], variants: Sequence[str], data: BenchData) -> list[tuple[str, str]]:
+    """``VARIANT@SITE`` items -> ``(variant, site)``: the variant trained with that away site's
+    unlabelled scans instead of the home site's (adapting to a new hospital)."""
+    out = []
+    for item in adapt:
+        variant, sep, site = item.rpartition("@")
+        if not sep or not variant or not site:
+            raise MensegError(f"--adapt takes VARIANT@SITE (e.g. sim2real@site-b), got '{item}'")
+        away = [k for k in data.test_sets if k != HOME]
+        if site not in data.test_sets or site == HOME:
+            raise MensegError(f"--adapt {item}: unknown away site '{site}' (away sites: "
+                              f"{', '.join(away) or 'none'})")
+        if site not in data.unlabeled:
+            raise MensegError(f"--adapt {item}: site '{site}' has no unlabelled scans (n_unlabeled in the "
+                              "profile's away cohort)")
+        if variant_name(variant) not in {variant_name(v) for v in variants} and not Path(variant).suffix:
+            log.info("--adapt %s: %s is not among the variants; it runs only adapted", item, variant)
+        out.append((variant, site))
+    return out
 
 
 def plan_runs(
@@ -343,41 +505,59 @@ def plan_runs(
     data: BenchData,
     overrides: Sequence[str] = (),
     device: str = "auto",
+    adapt: Sequence[str] = (),
 ) -> list[RunSpec]:
-    """Every run, seed-major (a complete learning curve exists after the first seed)."""
+    """Every run, seed-major (a complete learning curve exists after the first seed).
+
+    Per seed and N: the variants, then the adapted ones (``adapt``: ``VARIANT@SITE``, named
+    ``VARIANT@SITE``); per seed, last, the ceiling (profile ``ceiling``): the first variant
+    trained on the whole labelled pool.
+    """
     names = [variant_name(v) for v in variants]
     if len(set(names)) != len(names):
         raise MensegError(f"two variants share the name '{next(n for n in names if names.count(n) > 1)}'")
-    unl = str(data.unlabeled_root) if data.unlabeled_root else None
     if min(labeled, default=1) < 0:
         raise MensegError(f"numbers of labelled cases must be >= 0, got {list(labeled)}")
+    jobs: list[tuple[str, str, str | None]] = [(v, n, HOME if data.unlabeled_root else None)
+                                               for v, n in zip(variants, names, strict=True)]
+    jobs += [(v, f"{variant_name(v)}@{site}", site) for v, site in parse_adapt(adapt, variants, data)]
+    pool_size = len(data.pool)
+    ceiling = profile.ceiling and pool_size not in labeled
     runs, skipped = [], set()
     for seed in seeds:
-        subsets = draw_subsets([c.case_id for c in data.pool], labeled, seed)
-        for n in labeled:
-            for variant, name in zip(variants, names, strict=True):
-                folder = out / "runs" / name / f"n{n}" / f"seed{seed}"
-                # N = 0: no labelled case at all (data.root unset); only variants that train without
-                # labels (sim2real: synthetic + unlabelled scans) run there
-                root = json.dumps(str(data.roots[0])) if n > 0 else "null"
-                ov = [
-                    *profile.overrides(), *overrides,
-                    f"data.root={root}",
-                    f"data.cases={json.dumps(subsets[n])}",
-                    "data.val_fraction=0", "data.val_cases=[]",
-                    f"data.cache_dir={json.dumps(str(out / 'preprocessed'))}",
-                    f"data.unlabeled_root={json.dumps(unl)}",
-                    f"train.seed={seed}",
-                    f"train.device={device}",
-                    f"out_dir={json.dumps(str(folder / 'train'))}",
-                ]
-                cfg = load_config(variant, ov)
-                if n == 0 and not cfg.sim2real.enabled:
-                    if name not in skipped:
-                        log.info("variant %s needs labelled cases: no N = 0 runs for it", name)
-                        skipped.add(name)
-                    continue
-                runs.append(RunSpec(name, n, seed, tuple(subsets[n]), folder, cfg))
+        subsets = draw_subsets([c.case_id for c in data.pool], [*labeled, *([pool_size] if ceiling else [])],
+                               seed)
+        plan = [(n, job) for n in labeled for job in jobs]
+        if ceiling:
+            plan.append((pool_size, jobs[0]))
+        for n, (variant, name, unl_from) in plan:
+            folder = out / "runs" / name / f"n{n}" / f"seed{seed}"
+            # N = 0: no labelled case at all (data.root unset); only variants that train without
+            # labels (sim2real: synthetic + unlabelled scans) run there
+            root = json.dumps(str(data.roots[0])) if n > 0 else "null"
+            unl = json.dumps(str(data.unlabeled[unl_from])) if unl_from else "null"
+            ov = [
+                *profile.overrides(), *overrides,
+                f"data.root={root}",
+                f"data.cases={json.dumps(subsets[n])}",
+                "data.val_fraction=0", "data.val_cases=[]",
+                f"data.cache_dir={json.dumps(str(out / 'preprocessed'))}",
+                f"data.unlabeled_root={unl}",
+                f"train.seed={seed}",
+                f"train.device={device}",
+                f"out_dir={json.dumps(str(folder / 'train'))}",
+            ]
+            cfg = load_config(variant, ov)
+            if unl_from not in (None, HOME) and not cfg.sim2real.enabled:
+                raise MensegError(f"--adapt {name}: {variant_name(variant)} uses no unlabelled scans "
+                                  "(adapting applies to variants with sim2real enabled)")
+            if n == 0 and not cfg.sim2real.enabled:
+                if name not in skipped:
+                    log.info("variant %s needs labelled cases: no N = 0 runs for it", name)
+                    skipped.add(name)
+                continue
+            runs.append(RunSpec(name, n, seed, tuple(subsets[n]), folder, cfg,
+                                unl_from if cfg.sim2real.enabled else None))
     return runs
 
 
@@ -389,17 +569,39 @@ def _foreign(out: Path) -> bool:
     return any(p.name != LOCK_NAME and p not in leftovers for p in out.iterdir())
 
 
+#: What a results folder may hold in git: everything but these (checkpoints, predictions, caches).
+RESULTS_GITIGNORE = """\
+# menseg bench: the results (bench.json, run.json, evaluation/, report/) can be committed and
+# continued elsewhere with the same command; what is heavy or machine-specific stays out.
+preprocessed/
+runs/*/*/*/train/
+runs/*/*/*/predictions/
+runs/*/*/*/predictions-fixed/
+*.lock
+.*.tmp*
+"""
+
+#: bench.json keys that define the protocol: a folder with other values is refused.
+PROTOCOL_KEYS: tuple[str, ...] = ("budget", "overrides", "cohorts", "pool", "test_sets", "unlabeled")
+
+
 def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequence[str]) -> dict[str, Any]:
-    """Write ``bench.json`` on first use; afterwards refuse other data or another budget."""
+    """Write ``bench.json`` on first use; afterwards refuse another protocol (data, budget, test sets).
+
+    Nothing machine-specific is compared (paths differ on another machine): the cohorts by
+    their recipe, the data by case ids.
+    """
     plan = {
         "version": BENCH_VERSION,
         "profile": profile.name,
         "budget": profile.budget,
         "overrides": list(overrides),
         "data": data.description,
+        "cohorts": data.cohorts,
         "pool": [c.case_id for c in data.pool],
         "test": [c.case_id for c in data.test],
-        "unlabeled_root": str(data.unlabeled_root) if data.unlabeled_root else None,
+        "test_sets": {k: [c.case_id for c in v] for k, v in data.test_sets.items()},
+        "unlabeled": data.unlabeled_ids(),
     }
     path = out / "bench.json"
     if path.is_file():
@@ -407,17 +609,28 @@ def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequenc
             old = json.loads(path.read_text())
         except ValueError:
             raise MensegError("bench.json is not valid JSON; use a new --out folder", path) from None
-        for k in ("version", "budget", "overrides", "pool", "test", "unlabeled_root"):
+        if old.get("version") != BENCH_VERSION:
+            raise MensegError(f"this benchmark folder has format version {old.get('version')} (this menseg "
+                              f"writes {BENCH_VERSION}); use a new --out", path)
+        for k in PROTOCOL_KEYS:
             if old.get(k) != plan[k]:
                 raise MensegError(
-                    f"this benchmark folder was made with another {k} ({old.get(k)!r} vs now "
-                    f"{plan[k]!r}); resume with the same data and profile, or use a new --out", path)
+                    f"this benchmark folder was made with another protocol ({k}: {_short(old.get(k))} vs "
+                    f"now {_short(plan[k])}); continue it with the same profile, data and --set, or use a "
+                    "new --out", path)
         return old
     if _foreign(out):
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
+    if not (out / ".gitignore").exists():
+        write_text_atomic(out / ".gitignore", RESULTS_GITIGNORE)
     return plan
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # ---------------------------------------------------------------- runs
@@ -453,10 +666,26 @@ def _train_seconds(train_dir: Path) -> float:
     return last
 
 
+def _read_metrics(csv_path: Path) -> dict[str, dict[str, float]]:
+    import csv
+
+    with open(csv_path) as f:
+        return {r.pop("case_id"): {k: float(v) for k, v in r.items()} for r in csv.DictReader(f)}
+
+
 def execute_run(
-    run: RunSpec, test: Sequence[CaseFiles], device: str, on_step: Callable[[int, int], None] | None = None
+    run: RunSpec, test_sets: Mapping[str, Sequence[CaseFiles]], device: str,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume), predict the test split, evaluate; write ``run.json`` last."""
+    """Train (or resume), predict and evaluate every test set; write ``run.json`` last.
+
+    When the run learned its post-processing (``postprocess.learn``), each test set is also
+    scored with the fixed rule instead, from the same network output (``metrics_fixed``), so the
+    report can show what the learned rules do.
+    """
+    from menseg.bench.env import environment
+    from menseg.checkpoint import load_checkpoint
+    from menseg.device import resolve_device
     from menseg.evaluate.runner import evaluate_pairs
     from menseg.infer.predict import predict
     from menseg.train.trainer import train
@@ -466,34 +695,45 @@ def execute_run(
     if train_dir.exists() and not latest.is_file():
         shutil.rmtree(train_dir)  # killed before its first checkpoint: start over
     train(run.cfg, resume=latest.is_file(), progress=True, on_step=on_step)
-    t0 = time.perf_counter()
-    pred_dir = run.folder / "predictions"
-    predict(latest, list(test), pred_dir, device=device, overwrite=True, progress=False)
-    predict_seconds = time.perf_counter() - t0
-    pairs = {c.case_id: (pred_dir / f"{c.case_id}.nii.gz", c.label) for c in test}
-    evaluate_pairs(pairs, run.folder / "evaluation", {"run": run.key}, progress=False)  # type: ignore[arg-type]
-    import csv
-
-    with open(run.folder / "evaluation" / "metrics.csv") as f:
-        metrics = {r.pop("case_id"): {k: float(v) for k, v in r.items()} for r in csv.DictReader(f)}
+    rules = (load_checkpoint(latest).get("postprocess") or {}).get("rules")
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    fixed: dict[str, dict[str, dict[str, float]]] = {}
+    seconds: dict[str, float] = {}
+    for name, cases in test_sets.items():
+        t0 = time.perf_counter()
+        pred_dir, fixed_dir = run.folder / "predictions" / name, run.folder / "predictions-fixed" / name
+        predict(latest, list(cases), pred_dir, device=device, overwrite=True, progress=False,
+                fixed_output=fixed_dir if rules else None)
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        for folder, ev, into in ((pred_dir, "evaluation", metrics), (fixed_dir, "evaluation-fixed", fixed)):
+            if folder is fixed_dir and not rules:
+                continue
+            pairs = {c.case_id: (folder / f"{c.case_id}.nii.gz", c.label) for c in cases}
+            evaluate_pairs(pairs, run.folder / ev / name, {"run": run.key, "test_set": name},  # type: ignore[arg-type]
+                           progress=False)
+            into[name] = _read_metrics(run.folder / ev / name / "metrics.csv")
     done = {
         "version": BENCH_VERSION, "variant": run.variant, "n_labeled": run.n_labeled, "seed": run.seed,
-        "train_cases": list(run.train_cases), "config": run.identity(),
-        "train_seconds": _train_seconds(train_dir), "predict_seconds": round(predict_seconds, 3),
-        "metrics": metrics,
+        "train_cases": list(run.train_cases), "unlabeled_from": run.unlabeled_from, "config": run.identity(),
+        "train_seconds": _train_seconds(train_dir), "predict_seconds": seconds,
+        "postprocess": rules, "metrics": metrics, **({"metrics_fixed": fixed} if rules else {}),
+        "environment": environment(resolve_device(device)),
     }
     write_json_atomic(run.folder / "run.json", done)
     return done
 
 
-def _record(run: RunSpec, done: dict[str, Any]) -> Any:
+def _records(run: RunSpec, done: dict[str, Any]) -> list[Any]:
+    """One :class:`~menseg.bench.stats.RunRecord` per test set of a finished run."""
     from menseg.bench.stats import RunRecord
 
-    return RunRecord(
+    fixed = done.get("metrics_fixed") or {}
+    return [RunRecord(
         variant=run.variant, n_labeled=run.n_labeled, seed=run.seed, train_cases=run.train_cases,
-        metrics=done["metrics"], pred_dir=str(run.folder / "predictions"),
-        train_seconds=float(done["train_seconds"]), predict_seconds=float(done["predict_seconds"]),
-    )
+        metrics=m, pred_dir=str(run.folder / "predictions" / name),
+        train_seconds=float(done["train_seconds"]), predict_seconds=float(done["predict_seconds"][name]),
+        test_set=name, metrics_fixed=fixed.get(name), unlabeled_from=run.unlabeled_from,
+    ) for name, m in done["metrics"].items()]
 
 
 def run_efficiency(
@@ -510,6 +750,9 @@ def run_efficiency(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    away: Sequence[str | Path] = (),
+    adapt: Sequence[str] = (),
+    report_only: bool = False,
 ) -> dict[str, Path]:
     """Run (or resume) the data-efficiency benchmark and write ``out/report``.
 
@@ -518,15 +761,20 @@ def run_efficiency(
         variants: config names or YAML paths; the first is the reference of the paired tests.
         labeled: numbers of labelled cases (default: the profile's).
         seeds: number of seeds 0..seeds-1 (default: the profile's).
-        profile: ``quick`` (2 CPU cores, < 1 h for the baseline), ``full`` (GPU) or a YAML path.
+        profile: ``quick`` (2 CPU cores, < 1 h for the baseline), ``medium`` (home + away sites),
+            ``full`` (GPU) or a YAML path.
         data: labelled dataset (BraTS or nnU-Net layout); None uses the embedded cohort.
         unlabeled: extra scans without labels, passed to the variants as ``data.unlabeled_root``.
-        test_size: test cases held out of ``data`` (default: half of them).
+        test_size: test cases held out of ``data`` (default: half of them); with the embedded
+            cohort, how many of its home test cases to use.
         overrides: extra config overrides applied to every run (part of the budget).
         device: ``auto`` | ``cpu`` | ``cuda``.
         cache_dir: where the embedded cohort is cached (default :func:`default_cache_dir`).
         progress: show progress bars.
         command: the command line, for the report.
+        away: labelled folders of other sites: more test sets, nobody trains on them.
+        adapt: ``VARIANT@SITE`` runs that use an away site's unlabelled scans (:func:`parse_adapt`).
+        report_only: write the report from the finished runs, train nothing (partial results).
 
     Returns:
         ``{name: path}`` of the report files.
@@ -551,17 +799,25 @@ def run_efficiency(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MensegError("--out is a file, not a folder", out)
+    if report_only and not (out / "bench.json").is_file():
+        raise MensegError("no benchmark here to report on (bench.json missing)", out)
     if not (out / "bench.json").is_file() and _foreign(out):  # refused before anything is written there
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
     with folder_lock(out, "benchmark"):  # two commands must not train the same runs
         remove_atomic_leftovers(out)
-        bench_data = resolve_data(prof, data, unlabeled, test_size, labeled, cache_dir)
-        runs = plan_runs(out, variants, labeled, range(n_seeds), prof, bench_data, overrides, device)
+        bench_data = resolve_data(prof, data, unlabeled, test_size, labeled, cache_dir, away)
+        runs = plan_runs(out, variants, labeled, range(n_seeds), prof, bench_data, overrides, device, adapt)
         _check_plan(out, bench_data, prof, overrides)
 
         todo = [r for r in runs if _read_done(r) is None]
         log.info("benchmark %s: %d runs (%d variants x %d N x %d seeds), %d to do; profile %s",
                  out, len(runs), len(variants), len(labeled), n_seeds, len(todo), prof.name)
+        if report_only:
+            if len(todo) == len(runs):
+                raise MensegError("no finished run to report on yet", out)
+            log.info("--report-only: %d of %d runs are finished; reporting those",
+                     len(runs) - len(todo), len(runs))
+            todo = []
         overall = tqdm(total=sum(r.cfg.train.steps for r in todo), desc="benchmark", unit="step",
                        disable=not progress, position=0)
         for i, run in enumerate(todo, 1):
@@ -571,15 +827,17 @@ def run_efficiency(
             def on_step(done_steps: int, total: int, base: int = base) -> None:
                 overall.update(base + done_steps - overall.n)
 
-            done = execute_run(run, bench_data.test, device, on_step)
+            done = execute_run(run, bench_data.test_sets, device, on_step)
             overall.update(base + run.cfg.train.steps - overall.n)
-            wt = np.mean([m["WT_lesion_dice"] for m in done["metrics"].values()])
-            log.info("finished %s (%d/%d): mean WT lesion-wise Dice %.3f, train %.0f s", run.key, i,
+            wt = ", ".join(f"{k} {np.mean([m['WT_lesion_dice'] for m in v.values()]):.3f}"
+                           for k, v in done["metrics"].items())
+            log.info("finished %s (%d/%d): mean WT lesion-wise Dice %s; train %.0f s", run.key, i,
                      len(todo), wt, done["train_seconds"])
         overall.close()
 
-        records = [_record(r, _read_done(r) or {}) for r in runs]
-        wall = sum(rec.train_seconds + rec.predict_seconds for rec in records)
+        finished = [(r, d) for r in runs if (d := _read_done(r)) is not None]
+        records = [rec for r, d in finished for rec in _records(r, d)]
+        wall = sum(d["train_seconds"] + sum(d["predict_seconds"].values()) for _, d in finished)
         meta = {
             "title": f"menseg data-efficiency benchmark ({prof.name} profile)",
             "profile": prof.name,
@@ -587,12 +845,15 @@ def run_efficiency(
                                  **({"overrides": list(overrides)} if overrides else {})},
             "variants": [variant_name(v) for v in variants],
             "labeled": labeled,
+            **({"ceiling_n": len(bench_data.pool)} if prof.ceiling else {}),
             "seeds": list(range(n_seeds)),
             "data": bench_data.description,
-            "unlabeled": (f"{bench_data.unlabeled_root} ({bench_data.n_unlabeled} scans)"
-                          if bench_data.unlabeled_root else None),
+            "unlabeled": ", ".join(f"{k}: {len(v)} scans" for k, v in bench_data.unlabeled_ids().items())
+                         or None,
             "n_pool": len(bench_data.pool),
-            "n_test": len(bench_data.test),
+            "test sets": ", ".join(f"{k} ({len(v)} cases)" for k, v in bench_data.test_sets.items()),
+            "runs finished": f"{len(finished)} of {len(runs)}",
+            "run environments": "; ".join(sorted({_kv_env(d.get("environment")) for _, d in finished})),
             "environment": {**environment(dev), "python": sys.version.split()[0]},
             "started": started,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -600,8 +861,14 @@ def run_efficiency(
             "command": command or "",
             "menseg_version": _version(),
         }
-        test_cases = {c.case_id: c for c in bench_data.test}
+        test_cases = {k: {c.case_id: c for c in v} for k, v in bench_data.test_sets.items()}
         return write_report(out / "report", records, meta, test_cases)
+
+
+def _kv_env(env: Any) -> str:
+    if not isinstance(env, dict):
+        return "not recorded"
+    return ", ".join(f"{k}={env[k]}" for k in ("device", "device_name", "threads", "torch") if k in env)
 
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from menseg.constants import MODALITIES, REGION_NAMES
 from menseg.errors import MensegError
@@ -115,7 +116,8 @@ def run_missing(
     dev = resolve_device(device)
     out = bench / "missing"
     out.mkdir(exist_ok=True)
-    root = Path(runs[0]["config"]["data.root"])
+    # the pool's folder on this machine: from the run's own config (run.json keeps no paths)
+    root = Path(yaml.safe_load((runs[0]["_dir"] / "train" / "config.yaml").read_text())["data"]["root"])
     spacing = [float(s) for s in runs[0]["config"]["data.spacing"]]
     cases = preprocess_dataset(_test_cases(bench, root), out / "preprocessed", spacing)
     rows: list[dict[str, Any]] = []

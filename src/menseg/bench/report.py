@@ -38,10 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HOME = "home"  #: name of the home test set (as menseg.bench.efficiency.HOME)
+
 #: Columns of ``tests.csv`` (keys of :func:`~menseg.bench.stats.paired_tests` rows).
 TEST_COLUMNS: tuple[str, ...] = (
     "variant", "reference", "n_labeled", "metric", "n_cases", "mean_reference", "mean_variant", "mean_diff",
-    "median_diff", "statistic", "p_value", "p_holm", "wins", "losses", "note",
+    "median_diff", "sd_diff", "detectable", "statistic", "p_value", "p_holm", "wins", "losses", "note",
 )
 _METRIC_LABEL = {"lesion_dice": "lesion Dice", "lesion_hd95": "lesion HD95 (mm)", "dice": "Dice"}
 _LABEL_NAMES = {1: "NETC", 2: "SNFH", 3: "ET"}
@@ -60,8 +62,10 @@ def _digits(metric: str) -> int:
     return 1 if "hd95" in metric else 3  # mm to 0.1 mm; Dice to 0.001
 
 
-def _num(x: float, digits: int) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def _num(x: float, digits: int, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
 def _p(p: float) -> str:
@@ -289,48 +293,207 @@ def _how_it_was_run(meta: Mapping[str, Any]) -> list[Block]:
     return [*blocks, ("ul", items)]
 
 
-def _blocks(meta: Mapping[str, Any], records: Sequence[RunRecord], rows: list[dict[str, Any]],
-            tests: list[dict[str, Any]], reference: str, variants: Sequence[str],
-            figures: Mapping[str, str]) -> list[Block]:
+def _set_title(test_set: str) -> str:
+    return "home test set" if test_set == HOME else f"away test set {test_set}"
+
+
+def _headline(records: Sequence[RunRecord], sets: Sequence[str], variants: Sequence[str],
+              ceiling_n: int | None) -> tuple[list[str], list[list[Any]]]:
+    """WT lesion-wise Dice per variant and N, one column per test set, drop home -> away, share of the
+    ceiling (the reference trained on the whole pool) at home."""
+    m = "WT_lesion_dice"
+    by: dict[tuple[str, int, str], list[float]] = {}
+    seeds: dict[tuple[str, int], set[int]] = {}
+    unl: dict[str, str] = {}
+    for r in records:
+        by.setdefault((r.variant, r.n_labeled, r.test_set), []).append(
+            float(np.mean([_value_of(r, c, m) for c in r.metrics])))
+        seeds.setdefault((r.variant, r.n_labeled), set()).add(r.seed)
+        unl[r.variant] = r.unlabeled_from or "none"
+    away = [t for t in sets if t != HOME]
+    ceil = by.get((variants[0], ceiling_n, HOME)) if ceiling_n is not None else None
+    head = ["variant", "unlabelled scans", "N", "seeds", *(_set_title(t) for t in sets)]
+    if away and HOME in sets:
+        head.append("drop home -> away (mean)")
+    if ceil:
+        head.append("share of ceiling (home)")
+    body = []
+    for v in variants:
+        for n in sorted({k[1] for k in by if k[0] == v}):
+            row: list[Any] = [v, unl.get(v, "none"), n, len(seeds[(v, n)])]
+            for t in sets:
+                xs = by.get((v, n, t))
+                sd = np.std(xs, ddof=1) if xs and len(xs) > 1 else 0.0
+                row.append(f"{np.mean(xs):.3f} ± {sd:.3f}" if xs else "n/a")
+            if away and HOME in sets:
+                home = by.get((v, n, HOME))
+                aw = [np.mean(by[(v, n, t)]) for t in away if (v, n, t) in by]
+                row.append(f"{np.mean(home) - np.mean(aw):+.3f}" if home and aw else "n/a")
+            if ceil:
+                home = by.get((v, n, HOME))
+                row.append(f"{np.mean(home) / np.mean(ceil):.0%}" if home else "n/a")
+            body.append(row)
+    return head, body
+
+
+def _value_of(r: RunRecord, case_id: str, metric: str) -> float:
+    return float(r.metrics[case_id].get(metric, math.nan))
+
+
+def _differences(tests: Mapping[str, list[dict[str, Any]]], sets: Sequence[str]
+                 ) -> tuple[list[str], list[list[Any]]]:
+    """WT lesion-wise Dice difference from the reference per variant and N, one column per test
+    set: the mean paired difference, the smallest difference the design detects (80% power, alpha
+    0.05) and the Holm-adjusted p."""
+    cells: dict[tuple[str, int], dict[str, str]] = {}
+    for t in sets:
+        for row in tests.get(t, []):
+            if row["metric"] != "WT_lesion_dice":
+                continue
+            cells.setdefault((row["variant"], row["n_labeled"]), {})[t] = (
+                f"{_num(row['mean_diff'], 3, sign=True)} (detectable {_num(row['detectable'], 3)}; "
+                f"p {_p(row['p_holm'])})")
+    head = ["variant", "N", *(_set_title(t) for t in sets)]
+    return head, [[v, n, *(c.get(t, "n/a") for t in sets)] for (v, n), c in cells.items()]
+
+
+def _power_table(tests: Mapping[str, list[dict[str, Any]]], sets: Sequence[str]
+                 ) -> tuple[list[str], list[list[Any]]]:
+    """Per N and test set: test cases, and the median / largest detectable WT difference over the
+    variants compared with the reference."""
+    ns = sorted({r["n_labeled"] for t in sets for r in tests.get(t, [])})
+    body = []
+    for n in ns:
+        row: list[Any] = [n]
+        for t in sets:
+            d = [r["detectable"] for r in tests.get(t, []) if r["n_labeled"] == n
+                 and r["metric"] == "WT_lesion_dice" and not math.isnan(r["detectable"])]
+            cases = {r["n_cases"] for r in tests.get(t, []) if r["n_labeled"] == n}
+            row.append(f"{np.median(d):.3f} (max {max(d):.3f}; {max(cases)} cases)" if d else "n/a")
+        body.append(row)
+    return ["N", *(_set_title(t) for t in sets)], body
+
+
+def _postprocess_table(records: Sequence[RunRecord], variants: Sequence[str], sets: Sequence[str]
+                       ) -> tuple[list[str], list[list[Any]]] | None:
+    """WT lesion-wise Dice with the learned post-processing, with the fixed one instead, and the
+    difference (mean over seeds of the test-set means), per variant, N and test set."""
+    m = "WT_lesion_dice"
+    acc: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
+    for r in records:
+        if not r.metrics_fixed:
+            continue
+        learned = float(np.mean([_value_of(r, c, m) for c in r.metrics]))
+        fixed = float(np.mean([float(r.metrics_fixed[c].get(m, math.nan)) for c in r.metrics_fixed]))
+        acc.setdefault((r.variant, r.n_labeled, r.test_set), []).append((learned, fixed))
+    if not acc:
+        return None
+    body = []
+    for v in variants:
+        for n in sorted({k[1] for k in acc if k[0] == v}):
+            row: list[Any] = [v, n]
+            for t in sets:
+                xs = acc.get((v, n, t))
+                if not xs:
+                    row.append("n/a")
+                    continue
+                lw, fx = np.mean([x[0] for x in xs]), np.mean([x[1] for x in xs])
+                row.append(f"{lw:.3f} vs {fx:.3f} ({lw - fx:+.3f})")
+            body.append(row)
+    return ["variant", "N", *(_set_title(t) for t in sets)], body
+
+
+def _set_blocks(test_set: str, records: Sequence[RunRecord], rows: list[dict[str, Any]],
+                tests: list[dict[str, Any]], reference: str, variants: Sequence[str],
+                figures: Mapping[str, str], heading: bool) -> list[Block]:
     metrics = table_metrics()
     head = ["variant", "N", "seeds", "test cases"] + [
         f"{r} {_METRIC_LABEL[m]}" for r in REGION_NAMES for m in TABLE_METRICS]
     body = [[r["variant"], r["n_labeled"], r["n_seeds"], r["n_test_cases"]]
             + [f"{_num(r[f'{m}_mean'], _digits(m))} ± {_num(r[f'{m}_std'], _digits(m))}" for m in metrics]
             for r in rows]
-    out: list[Block] = [("h1", str(meta.get("title", "menseg data-efficiency benchmark")))]
-    out += _how_it_was_run(meta)
-    out += [("h2", "Results"),
-            ("p", "Mean ± sample std over seeds of the per-run mean over the test cases "
-                  "(Dice 0-1, HD95 in mm; unmatched lesions count as Dice 0, HD95 374 mm)."),
-            ("table", head, body), ("h2", "Figures")]
+    suffix = f": {_set_title(test_set)}" if heading else ""
+    out: list[Block] = [("h2", f"Results{suffix}"),
+                        ("p", "Mean ± sample std over seeds of the per-run mean over the test cases "
+                              "(Dice 0-1, HD95 in mm; unmatched lesions count as Dice 0, HD95 374 mm)."),
+                        ("table", head, body), ("h2", f"Figures{suffix}")]
     out += [("img", alt, name) for name, alt in figures.items()]
-    out.append(("h2", f"Paired tests against {reference}"))
+    out.append(("h2", f"Paired tests against {reference}{suffix}"))
     if len(variants) < 2:
         out.append(("p", "one variant only: no paired tests"))
     elif not tests:
         out.append(("p", "no N was run for both a variant and the reference: no paired tests"))
     else:
         t_head = ["variant", "N", "metric", "cases", f"mean {reference}", "mean variant", "mean diff",
-                  "median diff", "wins / losses", "W", "p", "p (Holm)", "note"]
+                  "detectable diff", "median diff", "wins / losses", "W", "p", "p (Holm)", "note"]
         t_body = [[t["variant"], t["n_labeled"], t["metric"], t["n_cases"]]
                   + [_num(t[k], _digits(t["metric"]))
-                     for k in ("mean_reference", "mean_variant", "mean_diff", "median_diff")]
+                     for k in ("mean_reference", "mean_variant", "mean_diff", "detectable", "median_diff")]
                   + [f"{t['wins']} / {t['losses']}", _num(t["statistic"], 1), _p(t["p_value"]),
                      _p(t["p_holm"]), t["note"]] for t in tests]
         out.append(("table", t_head, t_body))
-    timing = [[r.variant, r.n_labeled, r.seed, f"{r.train_seconds:.1f}", f"{r.predict_seconds:.1f}"]
-              for runs in group_runs(records).values() for r in runs]
-    out += [("h2", "Runs"), ("table", ["variant", "N", "seed", "train s", "predict s"], timing)]
+    return out
+
+
+def _blocks(meta: Mapping[str, Any], records: Sequence[RunRecord], per_set: Mapping[str, Any],
+            reference: str, variants: Sequence[str], ceiling_n: int | None) -> list[Block]:
+    sets = list(per_set)
+    multi = len(sets) > 1
+    tests = {t: per_set[t]["tests"] for t in sets}
+    out: list[Block] = [("h1", str(meta.get("title", "menseg data-efficiency benchmark")))]
+    out += _how_it_was_run(meta)
+    if multi or ceiling_n is not None:
+        head, body = _headline(records, sets, variants, ceiling_n)
+        out += [("h2", "Headline: WT lesion-wise Dice by test set"),
+                ("p", "Mean ± std over seeds of the per-run mean over each test set. Away sites are other "
+                      "scanners and patient populations that no run trains on; a variant uses an away "
+                      "site's unlabelled scans only where the 'unlabelled scans' column names that site "
+                      "(adapting to a new hospital). Drop: home minus the mean of the away sets."
+                      + (f" Ceiling: {variants[0]} trained on the whole labelled pool (N = {ceiling_n})."
+                         if ceiling_n is not None else "")),
+                ("table", head, body)]
+    if len(variants) > 1 and any(tests.values()):
+        head, body = _differences(tests, sets)
+        out += [("h2", f"Differences from {reference} (WT lesion-wise Dice)"),
+                ("p", "Mean paired difference over test cases (seed-averaged per-case scores); "
+                      "'detectable' is the smallest true difference this design detects with 80% power "
+                      "at two-sided alpha 0.05 from the observed spread of the paired differences "
+                      "(paired t approximation); p is the Holm-adjusted Wilcoxon p. A difference below "
+                      "its detectable size that is not significant says the benchmark is too small, "
+                      "not that there is no effect."),
+                ("table", head, body)]
+        head, body = _power_table(tests, sets)
+        out += [("h2", "Detectable difference per N and test set"),
+                ("p", "Median (and largest) over the variants compared with the reference of the "
+                      "detectable WT lesion-wise Dice difference (80% power, alpha 0.05)."),
+                ("table", head, body)]
+    pp = _postprocess_table(records, variants, sets)
+    if pp is not None:
+        out += [("h2", "Learned post-processing"),
+                ("p", "WT lesion-wise Dice with the post-processing each run learned from its training "
+                      "data vs the fixed rule (components below infer.min_component_mm3 removed), from "
+                      "the same network output; mean over seeds (difference in brackets)."),
+                ("table", *pp)]
+    for t in sets:
+        d = per_set[t]
+        out += _set_blocks(t, d["records"], d["rows"], d["tests"], reference, variants, d["figures"], multi)
+    timing: dict[tuple[str, int, int], list[Any]] = {}
+    for r in records:
+        row = timing.setdefault((r.variant, r.n_labeled, r.seed),
+                                [r.variant, r.n_labeled, r.seed, f"{r.train_seconds:.1f}", 0.0])
+        row[4] += r.predict_seconds
+    runs_body = [[*row[:4], f"{row[4]:.1f}"] for row in timing.values()]
+    out += [("h2", "Runs"), ("table", ["variant", "N", "seed", "train s", "predict s"], runs_body)]
     out += [("h2", "Protocol"), ("p", (
         "For each seed the labelled training subsets are drawn reproducibly from the labelled pool and are "
         "nested (the subset of a smaller N is contained in that of a larger N). Every run is evaluated on "
-        "the same held-out test split, which no run trains on; all runs have the same training budget "
+        "the same held-out test sets, which no run trains on; all runs have the same training budget "
         "(profile settings above) and are evaluated with their final checkpoint. p values: two-sided "
         "Wilcoxon signed-rank test over test cases on seed-averaged per-case scores, each variant against "
-        f"the reference ({reference}) at the same N; Holm-Bonferroni correction within one N (the family "
-        f"is the {len(metrics)} metrics tested for one variant at one N). Wins / losses count the test cases "
-        "where the variant is better / worse (higher Dice, lower HD95)."))]
+        f"the reference ({reference}) at the same N and on the same test set; Holm-Bonferroni correction "
+        f"within one N and test set (the family is the {len(table_metrics())} metrics tested for one "
+        "variant). Wins / losses count the test cases where the variant is better / worse (higher Dice, "
+        "lower HD95)."))]
     return out
 
 
@@ -394,57 +557,83 @@ def write_report(
     out_dir: str | Path,
     records: Sequence[RunRecord],
     meta: dict[str, Any],
-    test_cases: Mapping[str, CaseFiles],
+    test_cases: Mapping[str, Any],
 ) -> dict[str, Path]:
     """Write the benchmark report into ``out_dir`` (created) and return file name -> path.
 
-    Files: ``results.csv`` (:func:`~menseg.bench.stats.aggregate` of :func:`table_metrics`),
-    ``per_case.csv`` (every metric of every run and test case), ``tests.csv`` (paired
-    Wilcoxon tests of every variant against the first, see ``meta["variants"]``),
-    ``learning_curve.png``, ``boxplots.png``, ``overlays_<variant>.png`` (best / median /
-    worst test case at the largest N, smallest seed), ``report.md`` and a self-contained
-    ``report.html``. ``meta`` describes the run (title, profile, environment, timing...;
-    keys are optional and unknown keys are listed as they are). ``test_cases`` maps
-    test case ids to their files (t1c and reference label are read for the overlays).
+    Files: ``results.csv`` (:func:`~menseg.bench.stats.aggregate` of :func:`table_metrics` per
+    test set), ``per_case.csv`` (every metric of every run and test case), ``tests.csv`` (paired
+    Wilcoxon tests of every variant against the first, see ``meta["variants"]``, per test set,
+    with the detectable difference), ``learning_curve.png``, ``boxplots.png``,
+    ``overlays_<variant>.png`` (best / median / worst home test case at the largest N, smallest
+    seed; away test sets add ``_<set>`` to the figure names), ``report.md`` and a self-contained
+    ``report.html``. ``meta`` describes the run (title, profile, environment, timing...; keys
+    are optional and unknown keys are listed as they are; ``ceiling_n``: N of the ceiling runs).
+    ``test_cases``: test set -> case id -> files, or for one test set case id -> files (t1c and
+    reference label are read for the overlays).
     """
+    from menseg.data.layouts import CaseFiles as Files
+
     if not records:
         raise MensegError("no finished runs to report")
+    if test_cases and all(isinstance(v, Files) for v in test_cases.values()):
+        test_cases = {HOME: test_cases}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seen = list(dict.fromkeys(r.variant for r in records))
     variants = [v for v in dict.fromkeys(meta.get("variants") or []) if v in seen]
     variants += [v for v in seen if v not in variants]
     records = sorted(records, key=lambda r: variants.index(r.variant))  # aggregate keeps this order
-    reference, ns = variants[0], sorted({r.n_labeled for r in records})
+    reference = variants[0]
+    sets = list(dict.fromkeys(r.test_set for r in records))
+    sets.sort(key=lambda t: t != HOME)  # home first, the rest in the order met
+    ceiling_n = meta.get("ceiling_n")
     metrics = table_metrics()
-    rows = aggregate(records, metrics)
-    tests = paired_tests(records, reference, metrics)
     written: dict[str, Path] = {}
+    pngs: dict[str, bytes] = {}
+    per_set: dict[str, dict[str, Any]] = {}
+    results_rows: list[list[Any]] = []
+    tests_rows: list[list[Any]] = []
+    header: list[str] = []
+    for t in sets:
+        recs = [r for r in records if r.test_set == t]
+        ns = sorted({r.n_labeled for r in recs})
+        rows = aggregate(recs, metrics)
+        tests = paired_tests(recs, reference, metrics) if any(r.variant == reference for r in recs) else []
+        header = ["test_set", *rows[0]]
+        results_rows += [[t, *r.values()] for r in rows]
+        tests_rows += [[t, *(row[k] for k in TEST_COLUMNS)] for row in tests]
+        sfx = "" if t == HOME else f"_{_safe(t)}"
+        where = "" if t == HOME else f" ({_set_title(t)})"
+        vs = [v for v in variants if any(r.variant == v for r in recs)]
+        curve, boxes = f"learning_curve{sfx}.png", f"boxplots{sfx}.png"
+        figures = {curve: f"learning curve{where}: lesion-wise Dice vs number of labelled cases",
+                   boxes: f"per-case lesion-wise Dice{where} (mean over seeds) by number of labelled cases"}
+        pngs[curve] = _save_png(_learning_curve(rows, vs, ns), out / curve)
+        pngs[boxes] = _save_png(_boxplots(recs, vs, ns), out / boxes)
+        if t == HOME:  # overlays of the home set only: enough to see what the numbers mean
+            for v in vs:
+                runs = [r for r in recs if r.variant == v]
+                n_max = max(r.n_labeled for r in runs)
+                run = min((r for r in runs if r.n_labeled == n_max), key=lambda r: r.seed)
+                name = f"overlays_{_safe(v)}.png"
+                pngs[name] = _save_png(_overlays(run, test_cases.get(t, {})), out / name)
+                figures[name] = f"overlays {v}: best, median and worst test case (N={n_max}, seed {run.seed})"
+        per_set[t] = {"records": recs, "rows": rows, "tests": tests, "figures": figures}
 
-    written["results.csv"] = _write_csv(out / "results.csv", list(rows[0]), [list(r.values()) for r in rows])
+    written["results.csv"] = _write_csv(out / "results.csv", header, results_rows)
     all_metrics = metric_names()
-    per_case = [[r.variant, r.n_labeled, r.seed, cid, *(r.metrics[cid].get(m, "") for m in all_metrics)]
-                for runs in group_runs(records).values() for r in runs for cid in sorted(r.metrics)]
+    per_case = [[r.test_set, r.variant, r.n_labeled, r.seed, cid,
+                 *(r.metrics[cid].get(m, "") for m in all_metrics)]
+                for t in sets for runs in group_runs(per_set[t]["records"]).values() for r in runs
+                for cid in sorted(r.metrics)]
     written["per_case.csv"] = _write_csv(
-        out / "per_case.csv", ["variant", "n_labeled", "seed", "case_id", *all_metrics], per_case)
-    written["tests.csv"] = _write_csv(
-        out / "tests.csv", TEST_COLUMNS, [[t[k] for k in TEST_COLUMNS] for t in tests])
-
-    figures = {"learning_curve.png": "learning curve: lesion-wise Dice vs number of labelled cases",
-               "boxplots.png": "per-case lesion-wise Dice (mean over seeds) by number of labelled cases"}
-    pngs = {"learning_curve.png": _save_png(_learning_curve(rows, variants, ns), out / "learning_curve.png"),
-            "boxplots.png": _save_png(_boxplots(records, variants, ns), out / "boxplots.png")}
-    for v in variants:
-        runs = [r for r in records if r.variant == v]
-        n_max = max(r.n_labeled for r in runs)
-        run = min((r for r in runs if r.n_labeled == n_max), key=lambda r: r.seed)
-        name = f"overlays_{_safe(v)}.png"
-        pngs[name] = _save_png(_overlays(run, test_cases), out / name)
-        figures[name] = f"overlays {v}: best, median and worst test case (N={n_max}, seed {run.seed})"
+        out / "per_case.csv", ["test_set", "variant", "n_labeled", "seed", "case_id", *all_metrics], per_case)
+    written["tests.csv"] = _write_csv(out / "tests.csv", ["test_set", *TEST_COLUMNS], tests_rows)
     for name in pngs:
         written[name] = out / name
 
-    blocks = _blocks(meta, records, rows, tests, reference, variants, figures)
+    blocks = _blocks(meta, records, per_set, reference, variants, ceiling_n)
     write_text_atomic(out / "report.md", _markdown(blocks))
     write_text_atomic(out / "report.html", _html(blocks, pngs))
     written["report.md"], written["report.html"] = out / "report.md", out / "report.html"

@@ -6,10 +6,16 @@ cases N, seed), each evaluated on the same held-out test cases. Two summaries:
 * :func:`aggregate`: per run, the mean of a metric over the test cases; then the mean
   and the sample standard deviation (``ddof=1``) of these run scores over seeds.
 * :func:`paired_tests`: each variant against the reference variant at each N, paired
-  over test cases. The unit of the test is the test case, its score averaged over the
+  over test cases (same labelled subsets, same seeds, same test cases). The unit of the
+  test is the test case, its score averaged over the
   seeds of the run (:func:`per_case_means`), so seeds are not counted as independent
   samples. Two-sided Wilcoxon signed-rank test; p values are Holm-adjusted within one
   family = all metrics tested for one (variant, N) pair.
+
+Power: every paired test also states the smallest mean difference the design detects
+with 80% power at two-sided alpha 0.05 (:func:`detectable_difference`), from the observed
+spread of the paired differences, so that "no significant gain" can be told apart from "too
+small a benchmark".
 
 Metric direction: names containing ``hd95`` are distances in mm (lower is better);
 every other tested metric (Dice, surface Dice) is better when higher.
@@ -46,6 +52,10 @@ class RunRecord:
         pred_dir: folder of ``<case_id>.nii.gz`` predictions (native grid of the test case).
         train_seconds: wall-clock training time in s.
         predict_seconds: wall-clock prediction time of the test split in s.
+        test_set: which test set ``metrics`` are on (``home``, or an away site).
+        metrics_fixed: the same cases scored with the fixed post-processing instead of the
+            learned one (None when the run learned none).
+        unlabeled_from: whose unlabelled scans the run used (``home``, an away site, None).
     """
 
     variant: str
@@ -56,6 +66,9 @@ class RunRecord:
     pred_dir: str
     train_seconds: float
     predict_seconds: float
+    test_set: str = "home"
+    metrics_fixed: dict[str, dict[str, float]] | None = None
+    unlabeled_from: str | None = None
 
 
 def higher_is_better(metric: str) -> bool:
@@ -177,6 +190,21 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
     return float(res.statistic), float(res.pvalue), ""
 
 
+def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided paired test at ``alpha`` detects with ``power``.
+
+    ``(t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)``: the paired t-test's power
+    approximation with ``sd`` the standard deviation of the ``n`` paired differences. The
+    Wilcoxon signed-rank test used for the p values has an asymptotic relative efficiency of
+    0.955 or more against the t-test for normal differences (higher for heavy tails), so this is a
+    close guide to it. NaN for ``n < 2`` or a NaN ``sd``; 0 when ``sd`` is 0.
+    """
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    df = n - 1
+    return float((sstats.t.ppf(1 - alpha / 2, df) + sstats.t.ppf(power, df)) * sd / math.sqrt(n))
+
+
 def paired_tests(
     records: Sequence[RunRecord], reference: str, metrics: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -186,7 +214,8 @@ def paired_tests(
     each metric m (given order): x = :func:`per_case_means` of the reference, y = that of v,
     on their common test cases (sorted ids); d = y - x. Row keys: ``variant``,
     ``reference``, ``n_labeled``, ``metric``, ``n_cases``, ``mean_reference``,
-    ``mean_variant``, ``mean_diff`` (mean of d), ``median_diff``, ``statistic``
+    ``mean_variant``, ``mean_diff`` (mean of d), ``median_diff``, ``sd_diff`` (sample std of
+    d), ``detectable`` (:func:`detectable_difference` of sd_diff and n_cases), ``statistic``
     (min(W+, W-)), ``p_value`` (two-sided, ``scipy.stats.wilcoxon(y, x,
     zero_method="wilcox", method="auto")``), ``p_holm``, ``wins`` / ``losses`` (cases where
     v is better / worse: higher Dice, lower HD95), ``note`` (why p is NaN, else "").
@@ -222,6 +251,8 @@ def paired_tests(
                 "mean_variant": math.nan if empty else float(y.mean()),
                 "mean_diff": math.nan if empty else float(d.mean()),
                 "median_diff": math.nan if empty else float(np.median(d)),
+                "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+                "detectable": detectable_difference(float(d.std(ddof=1)) if len(d) > 1 else math.nan, len(d)),
                 "statistic": stat, "p_value": p, "p_holm": math.nan,
                 "wins": int(better.sum()), "losses": int(worse.sum()), "note": note,
             })
@@ -232,6 +263,6 @@ def paired_tests(
 
 
 __all__ = [
-    "TABLE_METRICS", "RunRecord", "aggregate", "group_runs", "higher_is_better", "holm",
-    "paired_tests", "per_case_means",
+    "TABLE_METRICS", "RunRecord", "aggregate", "detectable_difference", "group_runs", "higher_is_better",
+    "holm", "paired_tests", "per_case_means",
 ]

@@ -114,11 +114,13 @@ def predict_case(
     prior: CaseFiles | None = None,
     gap_days: float | None = None,
     rules: Mapping[str, Mapping[str, Any]] | None = None,
+    raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict one case; returns ``(label (X, Y, Z) uint8, affine 4x4)`` in the input's grid.
 
     ``rules``: learned post-processing (:func:`menseg.infer.postprocess.learn_postprocess`) applied
-    instead of ``infer.min_component_mm3``.
+    instead of ``infer.min_component_mm3``; ``raw``: no post-processing at all (see
+    :func:`postprocess_label`).
 
     The grid is the reference file's (t1c, or the first sequence present; shape and voxel
     order as read); ``cfg`` supplies the training spacing (``data.spacing``), patch
@@ -149,11 +151,18 @@ def predict_case(
     probs = invert(probs_pp.numpy(), props, order=1)  # (3, X, Y, Z) on the input grid
     del probs_pp, image_pp
     label = regions_to_labels(probs, cfg.infer.threshold)
+    if raw:
+        return label, affine
+    return postprocess_label(label, affine, cfg, rules), affine
+
+
+def postprocess_label(label: np.ndarray, affine: np.ndarray, cfg: Config,
+                      rules: Mapping[str, Mapping[str, Any]] | None) -> np.ndarray:
+    """The learned ``rules`` applied to a raw label map, or without them the fixed rule: components
+    below ``infer.min_component_mm3`` removed."""
     if rules:
-        label = apply_learned(label, spacing_of(affine), rules)
-    else:
-        label = remove_small_components(label, spacing_of(affine), cfg.infer.min_component_mm3)
-    return label, affine
+        return apply_learned(label, spacing_of(affine), rules)
+    return remove_small_components(label, spacing_of(affine), cfg.infer.min_component_mm3)
 
 
 def predict(
@@ -170,6 +179,7 @@ def predict(
     prior: str | os.PathLike | Sequence[str | os.PathLike] | CaseFiles | None = None,
     gap_days: float | None = None,
     learned_postprocess: bool = True,
+    fixed_output: str | Path | None = None,
 ) -> list[Path]:
     """Predict label maps for one case or a folder of cases.
 
@@ -194,6 +204,9 @@ def predict(
         learned_postprocess: apply the post-processing the run learned (``postprocess.learn``; stored
             in its final checkpoint) where the checkpoint has one; False, or a checkpoint without one,
             removes components below ``infer.min_component_mm3``.
+        fixed_output: a folder that also receives every label with the fixed post-processing
+            instead of the learned one, from the same network output (to measure what the learned
+            rules do); written only when the model has learned rules (and they are applied).
 
     Returns:
         Paths written, in case order. Each label is uint8 ``(X, Y, Z)`` with the same
@@ -241,8 +254,13 @@ def predict(
             log.warning("%s: predicting from %s only (missing %s)", case.case_id, ", ".join(case.present),
                         ", ".join(case.missing))
         label, affine = predict_case(model, cfg, case, dev, mirror=use_mirror, prior=prior_case,
-                                     gap_days=gap_days, rules=rules)
+                                     gap_days=gap_days, raw=True)
         like = nib.load(str(case.reference))
+        if fixed_output is not None and rules:
+            fixed = Path(fixed_output) / out.name
+            fixed.parent.mkdir(parents=True, exist_ok=True)
+            write_label(fixed, postprocess_label(label, affine, cfg, None), affine, like=like)
+        label = postprocess_label(label, affine, cfg, rules)
         write_label(out, label, affine, like=like)
         log.info(
             "%s -> %s (%s, %s, %s mm)",
@@ -294,4 +312,4 @@ def _check_model_fits(
                           path)
 
 
-__all__ = ["LABEL_ENDING", "check_outputs", "output_paths", "predict", "predict_case"]
+__all__ = ["LABEL_ENDING", "check_outputs", "output_paths", "postprocess_label", "predict", "predict_case"]
