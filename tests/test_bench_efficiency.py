@@ -15,6 +15,7 @@ import yaml
 from menseg.bench import efficiency as eff
 from menseg.data.phantom import write_phantom_dataset
 from menseg.errors import MensegError
+from menseg.utils import folder_lock
 
 # Two steps on 16^3 patches with a 3-stage net: every stage runs, nothing learns.
 MICRO_BUDGET = {
@@ -394,6 +395,7 @@ def test_a_committed_results_folder_continues_on_another_machine(micro: dict, tm
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
     repo = tmp_path / "repo"
     shutil.copytree(micro["out"], repo / "bench")
+    (repo / ".gitignore").write_text("runs/\n")  # a repository that ignores its training runs
     subprocess.run([*git, "init", "-q", str(repo)], check=True)
     subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True)
     subprocess.run([*git, "-C", str(repo), "commit", "-qm", "results"], check=True)
@@ -433,9 +435,10 @@ def test_report_only_writes_the_report_of_finished_runs_and_trains_nothing(micro
     shutil.rmtree(out / "report")
     shutil.rmtree(out / "runs" / "noflip")
     monkeypatch.setattr(eff, "execute_run", lambda *a, **k: pytest.fail("--report-only trained"))
-    files = eff.run_efficiency(out, ["baseline", str(micro["variant"])], profile=micro["profile"],
-                               device="cpu", cache_dir=micro["tmp"] / "cache", progress=False,
-                               report_only=True)
+    with folder_lock(out, "benchmark"):  # a benchmark still running there: reporting is still possible
+        files = eff.run_efficiency(out, ["baseline", str(micro["variant"])], profile=micro["profile"],
+                                   device="cpu", cache_dir=micro["tmp"] / "cache", progress=False,
+                                   report_only=True)
     rows = list(csv.DictReader(open(files["results.csv"])))
     assert {r["variant"] for r in rows} == {"baseline"}
     assert "runs finished: 4 of 8" in files["report.md"].read_text()

@@ -489,7 +489,8 @@ def bench_efficiency(
         Path | None, typer.Option(help="Cache for the embedded cohort (default ~/.cache/menseg).")
     ] = None,
     report_only: Annotated[
-        bool, typer.Option(help="Write the report from the runs finished so far; train nothing.")
+        bool, typer.Option(help="Write the report from the runs finished so far; train nothing (also "
+                           "beside a benchmark still running in OUT).")
     ] = False,
 ) -> None:
     """Quality vs number of labelled cases: every (variant, N, seed) on one budget, scored on every

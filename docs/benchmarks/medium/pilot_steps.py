@@ -77,12 +77,14 @@ def main() -> None:
 def report(out: Path) -> None:
     """pilot.md: per N, the final validation Dice of each budget and the curve of each run."""
     results = json.loads((out / "pilot.json").read_text())
-    lines = ["| N | steps | final val WT Dice | final val mean Dice | best val WT (step) | s/step | run s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(results.values(), key=lambda r: (r["n"], r["steps"])):
+    lines = ["| N | steps | seed | final val WT Dice | final val mean Dice | best val WT (step) | s/step "
+             "| run s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results.values(), key=lambda r: (r["n"], r["steps"], r["seed"])):
         last = r["curve"][-1]
         best = max(r["curve"], key=lambda c: c["val_WT_dice"])
-        lines.append(f"| {r['n']} | {r['steps']} | {last['val_WT_dice']:.3f} | {last['val_mean_dice']:.3f} | "
+        lines.append(f"| {r['n']} | {r['steps']} | {r['seed']} | {last['val_WT_dice']:.3f} | "
+                     f"{last['val_mean_dice']:.3f} | "
                      f"{best['val_WT_dice']:.3f} ({best['step']}) | {r['s_per_step']:.3f} | "
                      f"{r['seconds']:.0f} |")
     (out / "pilot.md").write_text("\n".join(lines) + "\n")

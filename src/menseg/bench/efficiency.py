@@ -36,6 +36,7 @@ finished benchmark adds runs; changing the data or the budget is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -573,6 +574,8 @@ def _foreign(out: Path) -> bool:
 RESULTS_GITIGNORE = """\
 # menseg bench: the results (bench.json, run.json, evaluation/, report/) can be committed and
 # continued elsewhere with the same command; what is heavy or machine-specific stays out.
+# (runs/ is re-included in case an enclosing repository ignores folders named runs.)
+!runs/
 preprocessed/
 runs/*/*/*/train/
 runs/*/*/*/predictions/
@@ -803,8 +806,11 @@ def run_efficiency(
         raise MensegError("no benchmark here to report on (bench.json missing)", out)
     if not (out / "bench.json").is_file() and _foreign(out):  # refused before anything is written there
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
-    with folder_lock(out, "benchmark"):  # two commands must not train the same runs
-        remove_atomic_leftovers(out)
+    # two commands must not train the same runs; --report-only only reads the runs (and writes report/,
+    # which a running benchmark writes only when it ends), so it may look at a benchmark in progress
+    with contextlib.nullcontext() if report_only else folder_lock(out, "benchmark"):
+        if not report_only:
+            remove_atomic_leftovers(out)
         bench_data = resolve_data(prof, data, unlabeled, test_size, labeled, cache_dir, away)
         runs = plan_runs(out, variants, labeled, range(n_seeds), prof, bench_data, overrides, device, adapt)
         _check_plan(out, bench_data, prof, overrides)
