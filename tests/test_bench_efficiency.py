@@ -260,7 +260,7 @@ def test_micro_runs_train_on_their_subset_and_test_on_the_fixed_split(micro: dic
         assert ckpt_cfg["data"]["cases"] == done["train_cases"]
         assert ckpt_cfg["train"]["steps"] == 2
         for name, ids in plan["test_sets"].items():
-            assert sorted(p.name for p in (run_json.parent / "predictions" / name).iterdir()) == [
+            assert sorted(p.name for p in (run_json.parent / "predictions" / name).glob("*.nii.gz")) == [
                 f"{c}.nii.gz" for c in ids]
 
 

@@ -144,7 +144,8 @@ def test_predict_ends_with_labels_or_a_clear_error_and_no_partial_file(
         assert not out.exists() or not any(out.iterdir()), "partial output after an error"
         return
     assert len(written) == 1 and written[0].is_file()
-    assert sorted(p.name for p in out.iterdir()) == [written[0].name]  # no temporary file left
+    sidecar = written[0].name.removesuffix(".nii.gz") + ".json"
+    assert sorted(p.name for p in out.iterdir()) == [sidecar, written[0].name]  # no temporary file left
 
 
 @SETTINGS

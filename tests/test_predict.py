@@ -201,16 +201,16 @@ def test_refuses_to_overwrite(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (first,) = predict(checkpoint, folder, out, device="cpu", progress=False)
     stamp = first.stat().st_mtime_ns
-    with pytest.raises(MensegError, match="output exists"):
-        predict(checkpoint, folder, out, device="cpu", progress=False)
+    assert predict(checkpoint, folder, out, device="cpu", progress=False) == []  # already written: skipped
     assert first.stat().st_mtime_ns == stamp
     predict(checkpoint, folder, out, device="cpu", overwrite=True, progress=False)
+    assert first.stat().st_mtime_ns != stamp
     assert nib.load(str(first)).shape == (16, 16, 16)
-    assert [p.name for p in out.iterdir()] == ["C.nii.gz"], "no temp files left behind"
+    assert sorted(p.name for p in out.iterdir()) == ["C.json", "C.nii.gz"], "no temp files left behind"
     assert t1c.read_bytes() == before
 
 
-def test_refuses_before_writing_anything(checkpoint: Path, tmp_path: Path) -> None:
+def test_existing_outputs_are_kept_and_bad_outputs_refused(checkpoint: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for cid in ("A", "B"):
         image, _, affine = make_phantom_case((16, 16, 16), (1.0, 1.0, 1.0), rng)
@@ -218,9 +218,9 @@ def test_refuses_before_writing_anything(checkpoint: Path, tmp_path: Path) -> No
     out = tmp_path / "out"
     out.mkdir()
     (out / "B.nii.gz").write_bytes(b"keep me")
-    with pytest.raises(MensegError, match="output exists"):
-        predict(checkpoint, tmp_path / "data", out, device="cpu", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["B.nii.gz"]
+    written = predict(checkpoint, tmp_path / "data", out, device="cpu", progress=False)
+    assert written == [out / "A.nii.gz"]  # B exists: kept as it is, not predicted again
+    assert (out / "B.nii.gz").read_bytes() == b"keep me"
     with pytest.raises(MensegError, match="single file but the input holds 2 cases"):
         predict(checkpoint, tmp_path / "data", tmp_path / "one.nii.gz", device="cpu", progress=False)
 
@@ -239,3 +239,85 @@ def test_bad_checkpoint_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(MensegError, match="bad.pt"):
         predict(bad, folder, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _archive(root: Path) -> None:
+    """Five case folders: A and C good; B's sequences disagree in shape, D's t1c is not a NIfTI file,
+    E holds files of two cases."""
+    rng = np.random.default_rng(1)
+    for cid in ("A", "B", "C", "D"):
+        image, _, affine = make_phantom_case((16, 16, 16), (1.0, 1.0, 1.0), rng)
+        _write_case(root, cid, image, affine)
+    nib.save(nib.Nifti1Image(np.zeros((12, 16, 16), np.float32), np.eye(4)), str(root / "B" / "B-t2w.nii.gz"))
+    (root / "D" / "D-t1c.nii.gz").write_bytes(b"not a nifti file")
+    (root / "E").mkdir()
+    for cid in ("E", "F"):
+        (root / "E" / f"{cid}-t1c.nii.gz").write_bytes((root / "A" / "A-t1c.nii.gz").read_bytes())
+
+
+def test_an_archive_with_bad_cases(checkpoint: Path, tmp_path: Path) -> None:
+    import csv
+
+    data = tmp_path / "data"
+    _archive(data)
+    # without --keep-going: discovery refuses the folder of two cases before anything is written
+    with pytest.raises(MensegError, match="two files for .t1c."):
+        predict(checkpoint, data, tmp_path / "strict", device="cpu", progress=False)
+    assert not (tmp_path / "strict").exists()
+    import shutil
+
+    shutil.rmtree(data / "E")
+    # the first bad case (B) stops the run, after A was written
+    with pytest.raises(MensegError, match="B-t2w"):
+        predict(checkpoint, data, tmp_path / "strict", device="cpu", progress=False)
+    assert sorted(p.name for p in (tmp_path / "strict").glob("*.nii.gz")) == ["A.nii.gz"]
+    _archive_e = data / "E"
+    _archive_e.mkdir()
+    for cid in ("E", "F"):
+        (_archive_e / f"{cid}-t1c.nii.gz").write_bytes((data / "A" / "A-t1c.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    with pytest.raises(MensegError, match=r"3 of 5 case\(s\) failed \(see .*errors.csv\)"):
+        predict(checkpoint, data, out, device="cpu", progress=False, keep_going=True)
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["A.nii.gz", "C.nii.gz"]
+    rows = list(csv.DictReader(open(out / "errors.csv")))
+    assert [r["case_id"] for r in rows] == ["E", "B", "D"]  # discovery first, then in case order
+    assert all("\n" not in r["error"] and r["error"] for r in rows)
+    assert "two files for" in rows[0]["error"] and "B-t2w" in rows[1]["error"]
+    # a rerun skips what was written and reports the same failures
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    with pytest.raises(MensegError, match="3 of 5"):
+        predict(checkpoint, data, out, device="cpu", progress=False, keep_going=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_keep_going_through_the_cli(checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    _archive(data)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "menseg", "predict", str(checkpoint), str(data), str(out),
+                        "--device", "cpu", "--keep-going"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2  # non-zero: some cases failed (menseg's exit code for a user error)
+    assert "predicted 2 case(s), 3 failed, 0 skipped because already written" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 3 of 5 case(s) failed")
+    (out / "C.nii.gz").unlink()
+    r = subprocess.run([sys.executable, "-m", "menseg", "predict", str(checkpoint), str(data), str(out),
+                        "--device", "cpu", "--keep-going"], capture_output=True, text=True, timeout=300)
+    assert "predicted 1 case(s), 3 failed, 1 skipped because already written" in r.stderr
+
+
+def test_sidecar_says_what_the_label_was_predicted_from(checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    from menseg import __version__
+    from menseg.infer.predict import sidecar_path
+
+    image, _, affine = make_phantom_case((16, 16, 16), (1.0, 1.0, 1.0), np.random.default_rng(0))
+    folder = _write_case(tmp_path / "in", "S", image, affine)
+    (label,) = predict(checkpoint, folder, tmp_path / "one.nii.gz", device="cpu", progress=False)
+    side = json.loads(sidecar_path(label).read_text())
+    assert sidecar_path(label) == tmp_path / "one.json"
+    assert side == {"model": str(checkpoint), "sequences_used": list(MODS), "sequences_missing": [],
+                    "postprocess": {"fixed": {"min_component_mm3": 0.0}}, "menseg_version": __version__}

@@ -163,3 +163,55 @@ def test_real_unlabelled_cases():
     brain_pp = (img_pp != 0).any(0).astype(np.uint8)
     brain = (image != 0).any(0)
     np.testing.assert_array_equal(invert(brain_pp, props, 0).astype(bool), brain)
+
+
+def test_a_constant_background_is_outside_the_brain(caplog):
+    """Scans that were already z-scored have a constant such as -4.8 outside the head: the crop, the
+    z-score and the result must be those of the same scans with 0 there, and the log says so."""
+    image, label = _padded_case()
+    outside = ~(image != 0).any(0)
+    shifted = image.copy()
+    for c in range(4):  # z-scored inside, a constant outside (another constant per sequence)
+        inside = shifted[c][~outside]
+        shifted[c][~outside] = (inside - inside.mean()) / inside.std()
+        shifted[c][outside] = -4.8 - 0.1 * c
+    plain = shifted.copy()
+    plain[:, outside] = 0.0
+    with caplog.at_level("INFO", logger="menseg.data.preprocess"):
+        a, la, pa = preprocess(shifted, label, ras_affine(), name="ZS-1")
+    b, lb, pb = preprocess(plain, label, ras_affine())
+    assert pa["crop_bbox"] == pb["crop_bbox"] != [[0, n] for n in image.shape[1:]]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert pa["background"] == {"t1c": pytest.approx(-4.8), "t1n": pytest.approx(-4.9),
+                                "t2f": pytest.approx(-5.0), "t2w": pytest.approx(-5.1)}
+    assert "background" not in pb
+    assert "ZS-1: constant background outside the head" in caplog.text
+    assert (shifted[:, outside] < -4).all()  # the caller's array is untouched
+
+
+def test_a_scan_that_is_not_skull_stripped_gets_a_one_line_warning(caplog):
+    image, _ = _padded_case((24, 22, 20))
+    with caplog.at_level("WARNING", logger="menseg.data.preprocess"):
+        preprocess(image, None, ras_affine(), name="STRIPPED")
+    assert "skull-stripped" not in caplog.text  # a brain inside its volume: no warning
+    head = image + np.random.default_rng(0).rayleigh(3.0, image.shape).astype(np.float32)  # air noise
+    with caplog.at_level("WARNING", logger="menseg.data.preprocess"):
+        preprocess(head, None, ras_affine(), name="HEAD-1")
+    lines = [r.getMessage() for r in caplog.records if "HEAD-1" in r.getMessage()]
+    assert len(lines) == 1 and "expect skull-stripped, co-registered sequences" in lines[0]
+    assert "covers 100% of the volume's border" in lines[0]
+    big = np.zeros((4, 40, 40, 40), np.float32)
+    big[:, 2:-2, 2:-2, 2:-2] = 1.0  # 36^3 voxels of 5 mm: a head-sized foreground (5.8 l)
+    with caplog.at_level("WARNING", logger="menseg.data.preprocess"):
+        preprocess(big, None, np.diag([5.0, 5.0, 5.0, 1.0]), spacing=(5.0, 5.0, 5.0), name="HEAD-2")
+    assert any("HEAD-2: its foreground is head-sized (5832 cm3)" in r.getMessage() for r in caplog.records)
+
+
+@needs_real_unlabeled
+def test_real_skull_stripped_scans_raise_no_warning(caplog):
+    for case in discover_cases(REAL_UNLABELED, allow_missing=True):
+        image, _, affine = load_case(case)
+        with caplog.at_level("INFO", logger="menseg.data.preprocess"):
+            preprocess(image, None, affine, spacing=(2.0, 2.0, 2.0), name=case.case_id)
+    assert "skull-stripped" not in caplog.text and "constant background" not in caplog.text

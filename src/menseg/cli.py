@@ -174,7 +174,10 @@ def predict_cmd(
         bool | None,
         typer.Option("--mirror/--no-mirror", help="Test-time mirroring (8 flips); default from the model."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output files (never inputs).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Predict again cases whose output exists (default: skip them; inputs are "
+                           "never replaced).")
+    ] = False,
     overlap: Annotated[
         float | None, typer.Option(help="Sliding-window overlap in [0, 1); default from the model.")
     ] = None,
@@ -195,11 +198,17 @@ def predict_cmd(
                      help="Apply the post-processing the run learned (postprocess.learn) when its checkpoint "
                           "has one; --fixed-postprocess removes components below infer.min_component_mm3."),
     ] = True,
+    keep_going: Annotated[
+        bool, typer.Option(help="Predict every case that can be; write the others' errors to OUT/errors.csv "
+                           "and exit non-zero at the end if any failed.")
+    ] = False,
 ) -> None:
     """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation).
 
     A case may lack some of the four sequences if the model was trained with modal fusion
     (ism.modal): it is then segmented from those present, and the log says which were used.
+    Beside each label, <case>.json records the model, the sequences used and missing, the
+    post-processing and the menseg version. Cases already predicted are skipped (--overwrite).
     """
     from menseg.infer.predict import predict
 
@@ -208,7 +217,7 @@ def predict_cmd(
     source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
     written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite,
                       overlap=overlap, precision=precision, prior=prior, gap_days=gap_days,
-                      learned_postprocess=learned_postprocess)
+                      learned_postprocess=learned_postprocess, keep_going=keep_going)
     for p in written:
         typer.echo(str(p))
 

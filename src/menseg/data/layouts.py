@@ -308,13 +308,17 @@ def _discover_nnunet(root: Path, allow_missing: bool = False) -> list[CaseFiles]
     return [out[k] for k in sorted(out)]
 
 
-def discover_cases(root: str | Path, allow_missing: bool = False) -> list[CaseFiles]:
+def discover_cases(
+    root: str | Path, allow_missing: bool = False, errors: list[tuple[str, str]] | None = None
+) -> list[CaseFiles]:
     """All cases of a dataset folder (BraTS, nnU-Net or longitudinal layout), sorted by case id.
 
     For the longitudinal layout every visit of every patient is one case.
 
     Raises MensegError for: no dataset, missing modality (unless ``allow_missing``:
     then a case needs at least one image), duplicate case ids, labels without images.
+    ``errors``: in the BraTS layout, a case folder that cannot be read is appended to it as
+    ``(folder name, one-line error)`` and left out instead of raising (archives with bad cases).
     """
     root = Path(root)
     layout = detect_layout(root)
@@ -330,7 +334,13 @@ def discover_cases(root: str | Path, allow_missing: bool = False) -> list[CaseFi
         by_id: dict[str, CaseFiles] = {}
         own = [p for p in _niftis(root) if _BRATS_RE.match(nifti_stem(p))]
         for sub in ([root] if own else []) + _subdirs(root):
-            case = _brats_case(sub, allow_missing)
+            try:
+                case = _brats_case(sub, allow_missing)
+            except MensegError as e:
+                if errors is None:
+                    raise
+                errors.append((sub.name, " ".join(str(e).split())))
+                continue
             if case is None:
                 log.debug("skipping %s: no NIfTI files", sub)
                 continue
@@ -341,7 +351,7 @@ def discover_cases(root: str | Path, allow_missing: bool = False) -> list[CaseFi
                 )
             by_id[case.case_id] = case
         cases = [by_id[k] for k in sorted(by_id)]
-    if not cases:
+    if not cases and not errors:
         raise MensegError("dataset holds no cases", root)
     return cases
 
@@ -518,7 +528,8 @@ def case_from_files(paths: Iterable[str | Path], allow_missing: bool = False) ->
 
 
 def discover_inputs(
-    path: str | Path | Sequence[str | Path], allow_missing: bool = False
+    path: str | Path | Sequence[str | Path], allow_missing: bool = False,
+    errors: list[tuple[str, str]] | None = None,
 ) -> list[CaseFiles]:
     """Cases to predict on.
 
@@ -528,7 +539,8 @@ def discover_inputs(
 
     With ``allow_missing`` a case may lack some sequences (1-4 image files; the
     absent keys are missing from ``CaseFiles.images``); a case with no image is
-    still an error. Without it a missing sequence is a MensegError.
+    still an error. Without it a missing sequence is a MensegError. ``errors``: see
+    :func:`discover_cases` (bad case folders of a dataset are listed there instead of raising).
     """
     if not isinstance(path, str | os.PathLike):
         return [case_from_files(path, allow_missing)]
@@ -552,7 +564,7 @@ def discover_inputs(
                 for cid in sorted(cases)
             ]
         return [case_from_files(files, allow_missing)]
-    return discover_cases(p, allow_missing)
+    return discover_cases(p, allow_missing, errors)
 
 
 def nnunet_dataset_json(name: str, n_training: int, ending: str = ".nii.gz") -> dict:

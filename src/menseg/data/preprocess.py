@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 
 #: Bump when preprocessing changes in a way that invalidates caches.
 PREPROCESS_VERSION = 1
+#: A channel whose volume border holds one value in at least this share of its voxels has a constant
+#: background: the value outside the head (0 for raw scans; e.g. -4.8 for scans already z-scored).
+BORDER_UNIFORM = 0.9
+#: Inputs are expected skull-stripped: a foreground larger than this (cm3) is a head, not a brain.
+#: Skull-stripped BraTS scans hold 1.5-1.7 l (the three real studies in ../shared), the engine's
+#: synthetic cases (brain, extra-axial CSF and dura) about 2.0-2.2 l before their +-15 % size
+#: jitter; a head with skull and scalp is 3.5-4.5 l (unverified round figure).
+HEAD_CM3 = 3200.0
+#: ... or one whose tissue covers more than this share of the volume's border voxels.
+BORDER_TISSUE = 0.05
 #: Labels with more distinct values than this are resampled nearest-neighbour.
 _MAX_ONEHOT = 16
 _RAS = nio.axcodes2ornt(("R", "A", "S"))
@@ -86,6 +96,37 @@ def _reorient(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     moved = np.moveaxis(arr, tuple(range(lead)), tuple(range(3, 3 + lead)))
     out = nio.apply_orientation(moved, ornt)
     return np.ascontiguousarray(np.moveaxis(out, tuple(range(3, 3 + lead)), tuple(range(lead))))
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    """The voxels of the six faces of a 3D array (edges counted more than once: a share, not a count)."""
+    return np.concatenate([a[0].ravel(), a[-1].ravel(), a[:, 0].ravel(), a[:, -1].ravel(),
+                           a[:, :, 0].ravel(), a[:, :, -1].ravel()])
+
+
+def background_value(channel: np.ndarray) -> float:
+    """The value that fills a 3D channel's border when it is (nearly) uniform, else 0.
+
+    Scans straight from the scanner or from BraTS preprocessing are 0 outside the head; scans
+    that were already normalised have a constant such as -4.8 there, which would otherwise be
+    taken for brain everywhere.
+    """
+    values, counts = np.unique(_border(channel), return_counts=True)
+    i = int(counts.argmax())
+    return float(values[i]) if counts[i] >= BORDER_UNIFORM * counts.sum() else 0.0
+
+
+def check_skull_stripped(brain: np.ndarray, spacing: Sequence[float], name: str = "image") -> bool:
+    """Warn (one line) when the foreground looks like a whole head rather than a brain; True if it does."""
+    volume_cm3 = float(np.count_nonzero(brain)) * float(np.prod(spacing)) / 1000.0
+    on_border = float(_border(brain).mean())
+    if volume_cm3 <= HEAD_CM3 and on_border <= BORDER_TISSUE:
+        return False
+    why = (f"its foreground is head-sized ({volume_cm3:.0f} cm3)" if volume_cm3 > HEAD_CM3
+           else f"tissue covers {on_border:.0%} of the volume's border")
+    log.warning("%s: %s; menseg's models expect skull-stripped, co-registered sequences (as BraTS), so "
+                "expect a poor segmentation", name, why)
+    return True
 
 
 def _bbox(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -166,8 +207,14 @@ def preprocess(
     affine: np.ndarray,
     spacing: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0),
     present: Sequence[bool] | None = None,
+    name: str = "image",
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Reorient to RAS+, crop to the brain, resample to ``spacing`` (mm), z-score.
+
+    The brain is where any present channel differs from its background: 0, or the constant
+    that fills the channel's border (:func:`background_value`, logged; e.g. scans that were
+    already z-scored). A foreground that looks like a whole head gets a one-line warning
+    (:func:`check_skull_stripped`). ``name`` (the case id) is used in log lines.
 
     Args:
         image: float ``(C, X, Y, Z)`` in the file's grid (C = 4, MODALITIES order).
@@ -213,10 +260,21 @@ def preprocess(
     aff_r = affine @ nio.inv_ornt_aff(ornt, shape0)
     shape_r = tuple(int(s) for s in img_r.shape[1:])
 
-    # 2. crop to the non-zero box (union over the present modalities)
+    # 2. crop to the foreground box (union over the present modalities); a constant non-zero
+    # background is set to 0 first, so everything after sees what raw scans give
+    background = {names[c]: background_value(img_r[c]) for c in range(n_ch) if keep[c]}
+    shifted = {k: v for k, v in background.items() if v != 0.0}
+    if shifted:
+        img_r = img_r.copy()  # never change the caller's array
+        for c in range(n_ch):
+            if names[c] in shifted:
+                img_r[c][img_r[c] == shifted[names[c]]] = 0.0
+        log.info("%s: constant background outside the head (%s) treated as outside the brain", name,
+                 ", ".join(f"{k} {v:g}" for k, v in shifted.items()))
     brain = (img_r[keep] != 0).any(axis=0) if not keep.all() else (img_r != 0).any(axis=0)
     if not brain.any():
         raise MensegError("image is zero everywhere (no brain to crop to)")
+    check_skull_stripped(brain, spacing_of(aff_r), name)
     box = _bbox(brain)
     sl = tuple(slice(lo, hi) for lo, hi in box)
     img_c = img_r[(slice(None), *sl)]
@@ -282,6 +340,8 @@ def preprocess(
         "brain_voxels": n_brain,
         "present": [n for n, k in zip(names, keep, strict=True) if k],
     }
+    if shifted:
+        props["background"] = shifted
     if label is not None:
         props["label_voxels_outside_crop"] = lost
     label_pp = np.array(lab_p, dtype=np.uint8) if lab_p is not None else None
@@ -339,7 +399,7 @@ def preprocess_case(
     Sequences the case lacks are zero channels (``props["present"]`` names the others).
     """
     image, label, affine = load_case(case, atol)
-    image_pp, label_pp, props = preprocess(image, label, affine, spacing, present_mask(case))
+    image_pp, label_pp, props = preprocess(image, label, affine, spacing, present_mask(case), case.case_id)
     props["case_id"] = case.case_id
     props["files"] = [str(p) for p in case.files]
     return image_pp, label_pp, props

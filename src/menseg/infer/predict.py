@@ -45,6 +45,7 @@ from menseg.data.validate import orientation_of, spacing_of
 from menseg.errors import MensegError
 from menseg.infer.postprocess import apply_learned, regions_to_labels, remove_small_components
 from menseg.infer.sliding import PRECISIONS, predict_probs, resolve_device, resolve_precision
+from menseg.utils import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,40 @@ def output_paths(cases: Sequence[CaseFiles], output: str | Path) -> list[Path]:
 
 def check_outputs(
     cases: Sequence[CaseFiles], outputs: Sequence[Path], protected: Sequence[Path], overwrite: bool
-) -> None:
-    """Refuse outputs that are input files (always) or that exist (unless ``overwrite``)."""
+) -> list[bool]:
+    """Refuse outputs that are input files (always); per output, whether it already exists and is
+    kept (skipped: not ``overwrite``)."""
     inputs = [p for c in cases for p in c.files] + list(protected)
     for out in outputs:
         for inp in inputs:
             if _same_file(out, inp):
                 raise MensegError(f"refusing to write onto input file {inp}", out)
-        if out.exists() and not overwrite:
-            raise MensegError("output exists (use --overwrite to replace it)", out)
+    return [out.exists() and not overwrite for out in outputs]
+
+
+def sidecar_path(label_path: str | Path) -> Path:
+    """The JSON sidecar beside a predicted label: ``<case>.nii.gz`` -> ``<case>.json``."""
+    label_path = Path(label_path)
+    ending = nifti_ending(label_path) or ""
+    return label_path.with_name(label_path.name[: len(label_path.name) - len(ending)] + ".json")
+
+
+def _sidecar(model_path: Path, case: CaseFiles, rules: Any, cfg: Config) -> dict[str, Any]:
+    """What a label was predicted from (written beside it)."""
+    from menseg import __version__
+
+    return {
+        "model": str(model_path),
+        "sequences_used": list(case.present),
+        "sequences_missing": list(case.missing),
+        "postprocess": ({"learned": rules} if rules
+                        else {"fixed": {"min_component_mm3": cfg.infer.min_component_mm3}}),
+        "menseg_version": __version__,
+    }
+
+
+#: The columns of ``OUT/errors.csv`` (``predict --keep-going``).
+ERROR_COLUMNS: tuple[str, ...] = ("case_id", "error")
 
 
 def predict_case(
@@ -132,7 +158,7 @@ def predict_case(
     # The label (if the case has one) is not needed to predict: don't read it.
     image, _, affine = load_case(dataclasses.replace(case, label=None))
     present = present_mask(case)
-    image_pp, _, props = preprocess(image, None, affine, cfg.data.spacing, present=present)
+    image_pp, _, props = preprocess(image, None, affine, cfg.data.spacing, present=present, name=case.case_id)
     del image
     x = torch.from_numpy(image_pp)
     if prior is not None:
@@ -180,6 +206,7 @@ def predict(
     gap_days: float | None = None,
     learned_postprocess: bool = True,
     fixed_output: str | Path | None = None,
+    keep_going: bool = False,
 ) -> list[Path]:
     """Predict label maps for one case or a folder of cases.
 
@@ -189,11 +216,13 @@ def predict(
             folder of nnU-Net channel files, or a list of four image files
             (see :func:`menseg.data.layouts.discover_inputs`), or a list of
             :class:`~menseg.data.layouts.CaseFiles`.
-        output: folder receiving ``<case_id>.nii.gz`` per case, or, for one case,
-            a file path ending ``.nii.gz``.
+        output: folder receiving ``<case_id>.nii.gz`` per case (and ``<case_id>.json``: model,
+            sequences used and missing, post-processing, menseg version), or, for one case, a
+            file path ending ``.nii.gz``. A case whose label exists is skipped unless ``overwrite``.
         device: ``auto`` | ``cpu`` | ``cuda`` (``cuda`` without CUDA is a MensegError).
         mirror: test-time mirroring; None uses the model's stored ``infer.mirror``.
-        overwrite: replace existing output files (input files are never replaced).
+        overwrite: redo cases whose output exists (input files are never replaced); without it
+            they are skipped.
         overlap: sliding-window overlap in [0, 1); None uses the model's ``infer.overlap``.
         precision: ``fp32`` | ``bf16``; None uses the model's ``infer.precision``.
         progress: show a progress bar over cases.
@@ -207,6 +236,10 @@ def predict(
         fixed_output: a folder that also receives every label with the fixed post-processing
             instead of the learned one, from the same network output (to measure what the learned
             rules do); written only when the model has learned rules (and they are applied).
+        keep_going: a case that cannot be read or predicted is recorded (``OUT/errors.csv`` for a
+            folder output: case id and its one-line error) and the others are predicted; at the
+            end a MensegError says how many failed. Without it the first bad case raises, after the
+            labels already written.
 
     Returns:
         Paths written, in case order. Each label is uint8 ``(X, Y, Z)`` with the same
@@ -220,20 +253,35 @@ def predict(
     model_path = Path(model_path)
     if model_path.is_dir():
         model_path = model_path / "best.pt"
+    failed: list[tuple[str, str]] = []  # (case id or folder, one-line error)
     if isinstance(input, Sequence) and input and all(isinstance(c, CaseFiles) for c in input):
         cases = list(input)  # already discovered (e.g. a benchmark's test split)
     else:
-        cases = discover_inputs(input, allow_missing=True)  # type: ignore[arg-type]
-    if not cases:
+        cases = discover_inputs(input, allow_missing=True,  # type: ignore[arg-type]
+                                errors=failed if keep_going else None)
+    if not cases and not failed:
         where = input if isinstance(input, str | os.PathLike) else None
         raise MensegError("no cases found to predict", where)
-    prior_case = _prior_case(prior, gap_days, cases)
-    outputs = output_paths(cases, output)
-    check_outputs(cases, outputs, [model_path, *(prior_case.files if prior_case else [])], overwrite)
+    prior_case = _prior_case(prior, gap_days, cases) if cases else None
+    outputs = output_paths(cases, output) if cases else []
+    existing = check_outputs(cases, outputs, [model_path, *(prior_case.files if prior_case else [])],
+                             overwrite)
+    errors_csv = None if nifti_ending(Path(output)) else Path(output) / "errors.csv"
 
     model, cfg, extras = load_model_and_state(model_path, dev)
     rules = (extras.get("postprocess") or {}).get("rules") if learned_postprocess else None
-    _check_model_fits(model, model_path, cases, prior_case)
+    if keep_going:  # cases the model cannot use become error rows, the rest is predicted
+        usable = []
+        for case, out, old in zip(cases, outputs, existing, strict=True):
+            try:
+                _check_model_fits(model, model_path, [case], prior_case)
+                usable.append((case, out, old))
+            except MensegError as e:
+                failed.append((case.case_id, _one_line(e)))
+        todo = usable
+    else:
+        _check_model_fits(model, model_path, cases, prior_case)
+        todo = list(zip(cases, outputs, existing, strict=True))
     infer_changes = {k: v for k, v in (("overlap", overlap), ("precision", precision)) if v is not None}
     if infer_changes:
         cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **infer_changes))
@@ -245,30 +293,76 @@ def predict(
         "learned post-processing" if rules else f"components < {cfg.infer.min_component_mm3:g} mm3 removed",
     )
     written: list[Path] = []
-    bar = tqdm(
-        list(zip(cases, outputs, strict=True)), desc="predict", unit="case", disable=not progress
-    )
-    for case, out in bar:
+    skipped = 0
+    bar = tqdm(todo, desc="predict", unit="case", disable=not progress)
+    for case, out, old in bar:
         bar.set_postfix_str(case.case_id)
-        if case.missing:
-            log.warning("%s: predicting from %s only (missing %s)", case.case_id, ", ".join(case.present),
-                        ", ".join(case.missing))
-        label, affine = predict_case(model, cfg, case, dev, mirror=use_mirror, prior=prior_case,
-                                     gap_days=gap_days, raw=True)
-        like = nib.load(str(case.reference))
-        if fixed_output is not None and rules:
-            fixed = Path(fixed_output) / out.name
-            fixed.parent.mkdir(parents=True, exist_ok=True)
-            write_label(fixed, postprocess_label(label, affine, cfg, None), affine, like=like)
-        label = postprocess_label(label, affine, cfg, rules)
-        write_label(out, label, affine, like=like)
+        if old:
+            log.info("%s: %s exists, skipped (--overwrite to predict it again)", case.case_id, out)
+            skipped += 1
+            continue
+        try:
+            label, affine = _predict_one(model, cfg, case, out, dev, use_mirror, prior_case, gap_days,
+                                         rules, fixed_output, model_path)
+        except Exception as e:  # noqa: BLE001 - with keep_going any failure of one case is recorded
+            if not keep_going:
+                raise
+            failed.append((case.case_id, _one_line(e)))
+            log.error("%s: failed: %s", case.case_id, _one_line(e))
+            continue
         log.info(
             "%s -> %s (%s, %s, %s mm)",
             case.case_id, out, "x".join(map(str, label.shape)), orientation_of(affine),
             "x".join(f"{s:g}" for s in spacing_of(affine)),
         )
         written.append(out)
+    log.info("predicted %d case(s), %d failed, %d skipped because already written", len(written),
+             len(failed), skipped)
+    if keep_going and errors_csv is not None:
+        _write_errors(errors_csv, failed)
+    if failed:
+        where = f" (see {errors_csv})" if errors_csv is not None else ""
+        total = len(failed) + len(written) + skipped
+        raise MensegError(f"{len(failed)} of {total} case(s) failed{where}; first: "
+                          f"{failed[0][0]}: {failed[0][1]}")
     return written
+
+
+def _predict_one(model: torch.nn.Module, cfg: Config, case: CaseFiles, out: Path, dev: torch.device,
+                 mirror: bool, prior: CaseFiles | None, gap_days: float | None, rules: Any,
+                 fixed_output: str | Path | None, model_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Predict, post-process and write one case's label and sidecar."""
+    if case.missing:
+        log.warning("%s: predicting from %s only (missing %s)", case.case_id, ", ".join(case.present),
+                    ", ".join(case.missing))
+    label, affine = predict_case(model, cfg, case, dev, mirror=mirror, prior=prior, gap_days=gap_days,
+                                 raw=True)
+    like = nib.load(str(case.reference))
+    if fixed_output is not None and rules:
+        fixed = Path(fixed_output) / out.name
+        fixed.parent.mkdir(parents=True, exist_ok=True)
+        write_label(fixed, postprocess_label(label, affine, cfg, None), affine, like=like)
+    label = postprocess_label(label, affine, cfg, rules)
+    write_label(out, label, affine, like=like)
+    write_json_atomic(sidecar_path(out), _sidecar(model_path, case, rules, cfg))
+    return label, affine
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, MensegError) else f"{type(e).__name__}: {text}"
+
+
+def _write_errors(path: Path, failed: Sequence[tuple[str, str]]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(ERROR_COLUMNS)
+    w.writerows(failed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _prior_case(
@@ -312,4 +406,5 @@ def _check_model_fits(
                           path)
 
 
-__all__ = ["LABEL_ENDING", "check_outputs", "output_paths", "postprocess_label", "predict", "predict_case"]
+__all__ = ["ERROR_COLUMNS", "LABEL_ENDING", "check_outputs", "output_paths", "postprocess_label", "predict",
+           "predict_case", "sidecar_path"]
