@@ -287,3 +287,23 @@ def test_bf16_autocast_keeps_mixed_targets_in_fp32(data: Path, longitudinal: Pat
                               "train.amp_dtype=bf16"])
     train(cfg, progress=False)
     assert seen and all(not d.is_floating_point for d in seen)  # interpolated integer labels
+
+
+def test_sequences_option_predicts_as_if_the_others_were_absent(modal_run: Path, data: Path,
+                                                                tmp_path: Path) -> None:
+    import json
+
+    from menseg.infer.predict import sidecar_path
+
+    full = _case_without(data, tmp_path / "full", ())
+    (chosen,) = predict(modal_run / "latest.pt", full, tmp_path / "chosen.nii.gz", progress=False,
+                        sequences=["t1c", "T2F "])
+    absent = _case_without(data, tmp_path / "absent", ("t1n", "t2w"))
+    (without,) = predict(modal_run / "latest.pt", absent, tmp_path / "without.nii.gz", progress=False)
+    np.testing.assert_array_equal(nib.load(str(chosen)).get_fdata(), nib.load(str(without)).get_fdata())
+    side = json.loads(sidecar_path(chosen).read_text())
+    assert (side["sequences_used"], side["sequences_missing"], side["sequences_ignored"]) == (
+        ["t1c", "t2f"], [], ["t1n", "t2w"])
+    side = json.loads(sidecar_path(without).read_text())
+    assert (side["sequences_used"], side["sequences_missing"], side["sequences_ignored"]) == (
+        ["t1c", "t2f"], ["t1n", "t2w"], [])

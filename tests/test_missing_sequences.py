@@ -266,3 +266,32 @@ def test_preprocess_case_partial_matches_full(partial: Path, tmp_path: Path):
     assert props["crop_bbox"] == full_props["crop_bbox"]
     np.testing.assert_allclose(pp[:2], full_pp[:2], rtol=1e-5, atol=1e-5)
     assert not pp[2:].any() and np.isfinite(pp).all()
+
+
+# ---------------------------------------------------------------- menseg data check
+
+
+def test_data_check_lists_incomplete_cases_and_refuses_only_unusable_ones(partial: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from menseg.data.validate import check_dataset
+
+    reports = {r.case_id: r for r in check_dataset(partial, progress=False)}
+    assert reports["CASE-FULL"].sequences == MODALITIES and reports["CASE-FULL"].missing == ()
+    assert reports["CASE-TWO"].sequences == ("t1c", "t1n") and reports["CASE-TWO"].labelled
+    assert reports["CASE-NOT1C"].missing == ("t1c", "t2w") and not reports["CASE-NOT1C"].labelled
+    assert reports["CASE-NOT1C"].spacing == reports["CASE-FULL"].spacing
+    r = subprocess.run([sys.executable, "-m", "menseg", "data", "check", str(partial)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "3 case(s), all valid; 2 incomplete" in r.stdout
+    assert "t1c t1n (no t2f, t2w)" in r.stdout and "t1n t2f (no t1c, t2w)" in r.stdout
+    # a label without any image is what no model can use: refused, naming the case
+    only_label = partial / "CASE-LABEL"
+    only_label.mkdir()
+    seg = (partial / "CASE-FULL" / "CASE-FULL-seg.nii.gz").read_bytes()
+    (only_label / "CASE-LABEL-seg.nii.gz").write_bytes(seg)
+    r = subprocess.run([sys.executable, "-m", "menseg", "data", "check", str(partial)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "case 'CASE-LABEL' has no image file" in r.stderr

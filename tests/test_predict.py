@@ -320,4 +320,12 @@ def test_sidecar_says_what_the_label_was_predicted_from(checkpoint: Path, tmp_pa
     side = json.loads(sidecar_path(label).read_text())
     assert sidecar_path(label) == tmp_path / "one.json"
     assert side == {"model": str(checkpoint), "sequences_used": list(MODS), "sequences_missing": [],
-                    "postprocess": {"fixed": {"min_component_mm3": 0.0}}, "menseg_version": __version__}
+                    "sequences_ignored": [], "postprocess": {"fixed": {"min_component_mm3": 0.0}},
+                    "menseg_version": __version__}
+    with pytest.raises(MensegError, match="lacks t1n, t2w; this model needs all four sequences"):
+        predict(checkpoint, folder, tmp_path / "two.nii.gz", device="cpu", progress=False,
+                sequences=["t1c", "t2f"])
+    with pytest.raises(MensegError, match="--sequences takes names among t1c, t1n, t2f, t2w, got 't1,flair'"):
+        predict(checkpoint, folder, tmp_path / "two.nii.gz", device="cpu", progress=False,
+                sequences=["t1", "flair"])
+    assert not (tmp_path / "two.nii.gz").exists()

@@ -75,20 +75,28 @@ def _root(
 def data_check(
     root: Annotated[Path, typer.Argument(help="Dataset folder (BraTS or nnU-Net v2 raw layout).")],
 ) -> None:
-    """Validate a dataset and print one row per case (shape, spacing, label volumes)."""
+    """Validate a dataset and print one row per case (sequences, shape, spacing, label volumes).
+
+    Cases lacking some of t1c/t1n/t2f/t2w are listed with the sequences they have; only a
+    case with no image (or a label without any image) is refused.
+    """
     from rich.table import Table
 
     from menseg.data.validate import check_dataset
 
     reports = check_dataset(root)
-    table = Table(title=f"{root} — {len(reports)} case(s), all valid")
-    for col in ("case", "shape", "spacing (mm)", "orient", "dtype", "NETC mm³", "SNFH mm³",
+    n_part = sum(bool(r.missing) for r in reports)
+    table = Table(title=f"{root} — {len(reports)} case(s), all valid"
+                  + (f"; {n_part} incomplete (only models trained with modal fusion, ism.modal, predict them today)"
+                     if n_part else ""))
+    for col in ("case", "sequences", "shape", "spacing (mm)", "orient", "dtype", "NETC mm³", "SNFH mm³",
                 "ET mm³"):
         table.add_column(col, justify="right" if "mm" in col else "left")
     for r in reports:
         vols = r.label_volumes_mm3 or {}
         table.add_row(
             r.case_id,
+            " ".join(r.sequences) + (f" (no {', '.join(r.missing)})" if r.missing else ""),
             "x".join(str(s) for s in r.shape),
             "x".join(f"{s:.2f}" for s in r.spacing),
             r.orientation,
@@ -202,6 +210,10 @@ def predict_cmd(
         bool, typer.Option(help="Predict every case that can be; write the others' errors to OUT/errors.csv "
                            "and exit non-zero at the end if any failed.")
     ] = False,
+    sequences: Annotated[
+        str | None, typer.Option(help="Predict from these sequences only, e.g. t1c,t2f, ignoring the others "
+                                 "where present (to compare); the model must accept a subset.")
+    ] = None,
 ) -> None:
     """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation).
 
@@ -217,7 +229,8 @@ def predict_cmd(
     source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
     written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite,
                       overlap=overlap, precision=precision, prior=prior, gap_days=gap_days,
-                      learned_postprocess=learned_postprocess, keep_going=keep_going)
+                      learned_postprocess=learned_postprocess, keep_going=keep_going,
+                      sequences=sequences.split(",") if sequences is not None else None)
     for p in written:
         typer.echo(str(p))
 

@@ -27,7 +27,8 @@ class CaseReport:
     voxel axis; ``orientation`` axis codes such as "RAS" or "LPS"; ``dtype``
     on-disk data type of the images (e.g. "int16", or "int16/float32" when they
     differ); ``label_volumes`` mm^3 per label 1 (NETC), 2 (SNFH), 3 (ET), or
-    None for an unlabelled case.
+    None for an unlabelled case; ``sequences`` the MRI sequences the case has
+    (MODALITIES order; fewer than four for an incomplete case).
     """
 
     case_id: str
@@ -37,6 +38,12 @@ class CaseReport:
     dtype: str
     label_volumes: dict[int, float] | None
     files: tuple[str, ...] = ()
+    sequences: tuple[str, ...] = MODALITIES
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The sequences the case lacks (MODALITIES order)."""
+        return tuple(m for m in MODALITIES if m not in self.sequences)
 
     @property
     def labelled(self) -> bool:
@@ -147,6 +154,7 @@ def read_case(
         dtype="/".join(unique_dtypes),
         label_volumes=volumes,
         files=tuple(str(p) for p in case.files),
+        sequences=case.present,
     )
     return image, label, ref_affine, report
 
@@ -161,13 +169,16 @@ def check_dataset(
 ) -> list[CaseReport]:
     """Discover and validate every case of a dataset; stops at the first bad file.
 
+    Cases lacking some sequences are valid (their report says which they have); a case
+    with no image, or a label without any image, is an error.
     Returns one :class:`CaseReport` per case, sorted by case id.
     """
-    cases = discover_cases(root)
+    cases = discover_cases(root, allow_missing=True)
     reports = []
     for case in tqdm(cases, desc="checking cases", unit="case", disable=not progress,
                      leave=False):
         reports.append(check_case(case, atol))
     n_lab = sum(r.labelled for r in reports)
-    log.info("%s: %d valid cases (%d labelled)", root, len(reports), n_lab)
+    n_part = sum(bool(r.missing) for r in reports)
+    log.info("%s: %d valid cases (%d labelled, %d incomplete)", root, len(reports), n_lab, n_part)
     return reports

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from menseg.checkpoint import load_model_and_state
 from menseg.config import Config
+from menseg.constants import MODALITIES
 from menseg.data.io import nifti_ending, write_label
 from menseg.data.layouts import CaseFiles, discover_inputs
 from menseg.data.preprocess import invert, load_case, preprocess, present_mask
@@ -112,14 +113,16 @@ def sidecar_path(label_path: str | Path) -> Path:
     return label_path.with_name(label_path.name[: len(label_path.name) - len(ending)] + ".json")
 
 
-def _sidecar(model_path: Path, case: CaseFiles, rules: Any, cfg: Config) -> dict[str, Any]:
+def _sidecar(model_path: Path, case: CaseFiles, rules: Any, cfg: Config, ignored: Sequence[str] = ()
+             ) -> dict[str, Any]:
     """What a label was predicted from (written beside it)."""
     from menseg import __version__
 
     return {
         "model": str(model_path),
         "sequences_used": list(case.present),
-        "sequences_missing": list(case.missing),
+        "sequences_missing": [m for m in case.missing if m not in ignored],
+        "sequences_ignored": list(ignored),
         "postprocess": ({"learned": rules} if rules
                         else {"fixed": {"min_component_mm3": cfg.infer.min_component_mm3}}),
         "menseg_version": __version__,
@@ -207,6 +210,7 @@ def predict(
     learned_postprocess: bool = True,
     fixed_output: str | Path | None = None,
     keep_going: bool = False,
+    sequences: Sequence[str] | None = None,
 ) -> list[Path]:
     """Predict label maps for one case or a folder of cases.
 
@@ -240,6 +244,8 @@ def predict(
             folder output: case id and its one-line error) and the others are predicted; at the
             end a MensegError says how many failed. Without it the first bad case raises, after the
             labels already written.
+        sequences: predict from these sequences only (names of ``MODALITIES``), ignoring the others
+            even where present (to compare); the model must accept a subset.
 
     Returns:
         Paths written, in case order. Each label is uint8 ``(X, Y, Z)`` with the same
@@ -262,10 +268,14 @@ def predict(
     if not cases and not failed:
         where = input if isinstance(input, str | os.PathLike) else None
         raise MensegError("no cases found to predict", where)
+    every_input = [f for c in cases for f in c.files]  # ignored sequences are inputs too: never written
+    ignored: dict[str, list[str]] = {}
+    if sequences is not None:
+        cases = _select_sequences(cases, sequences, ignored, failed if keep_going else None)
     prior_case = _prior_case(prior, gap_days, cases) if cases else None
     outputs = output_paths(cases, output) if cases else []
-    existing = check_outputs(cases, outputs, [model_path, *(prior_case.files if prior_case else [])],
-                             overwrite)
+    protected = [model_path, *every_input, *(prior_case.files if prior_case else [])]
+    existing = check_outputs(cases, outputs, protected, overwrite)
     errors_csv = None if nifti_ending(Path(output)) else Path(output) / "errors.csv"
 
     model, cfg, extras = load_model_and_state(model_path, dev)
@@ -303,7 +313,7 @@ def predict(
             continue
         try:
             label, affine = _predict_one(model, cfg, case, out, dev, use_mirror, prior_case, gap_days,
-                                         rules, fixed_output, model_path)
+                                         rules, fixed_output, model_path, ignored.get(case.case_id, []))
         except Exception as e:  # noqa: BLE001 - with keep_going any failure of one case is recorded
             if not keep_going:
                 raise
@@ -330,7 +340,8 @@ def predict(
 
 def _predict_one(model: torch.nn.Module, cfg: Config, case: CaseFiles, out: Path, dev: torch.device,
                  mirror: bool, prior: CaseFiles | None, gap_days: float | None, rules: Any,
-                 fixed_output: str | Path | None, model_path: Path) -> tuple[np.ndarray, np.ndarray]:
+                 fixed_output: str | Path | None, model_path: Path, ignored: Sequence[str] = ()
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict, post-process and write one case's label and sidecar."""
     if case.missing:
         log.warning("%s: predicting from %s only (missing %s)", case.case_id, ", ".join(case.present),
@@ -344,8 +355,32 @@ def _predict_one(model: torch.nn.Module, cfg: Config, case: CaseFiles, out: Path
         write_label(fixed, postprocess_label(label, affine, cfg, None), affine, like=like)
     label = postprocess_label(label, affine, cfg, rules)
     write_label(out, label, affine, like=like)
-    write_json_atomic(sidecar_path(out), _sidecar(model_path, case, rules, cfg))
+    write_json_atomic(sidecar_path(out), _sidecar(model_path, case, rules, cfg, ignored))
     return label, affine
+
+
+def _select_sequences(cases: Sequence[CaseFiles], sequences: Sequence[str], ignored: dict[str, list[str]],
+                      failed: list[tuple[str, str]] | None) -> list[CaseFiles]:
+    """The cases with only ``sequences`` kept (``ignored``: case id -> sequences left out); a case with
+    none of them is an error (recorded in ``failed`` when given, else raised)."""
+    wanted = [m.strip().lower() for m in sequences if m.strip()]
+    unknown = [m for m in wanted if m not in MODALITIES]
+    if unknown or not wanted:
+        raise MensegError(f"--sequences takes names among {', '.join(MODALITIES)}, got "
+                          f"'{','.join(sequences)}'")
+    kept = []
+    for c in cases:
+        images = {m: f for m, f in c.images.items() if m in wanted}
+        if not images:
+            err = MensegError(f"case '{c.case_id}' has none of the sequences asked for ({', '.join(wanted)}; "
+                              f"it has {', '.join(c.present)})")
+            if failed is None:
+                raise err
+            failed.append((c.case_id, str(err)))
+            continue
+        ignored[c.case_id] = [m for m in c.present if m not in wanted]
+        kept.append(dataclasses.replace(c, images=images))
+    return kept
 
 
 def _one_line(e: BaseException) -> str:
