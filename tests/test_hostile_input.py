@@ -23,7 +23,7 @@ from menseg.data.validate import check_case
 from menseg.errors import MensegError
 from menseg.evaluate.runner import evaluate_pairs
 from menseg.infer.predict import predict
-from menseg.nets import build_network
+from menseg.ism.model import build_model
 
 SETTINGS = settings(max_examples=60, deadline=20_000, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -108,7 +108,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              "train.patch_size=[16,16,16]", "data.spacing=[1.0,1.0,1.0]",
                              "infer.precision=fp32", "infer.min_component_mm3=0"])
     torch.manual_seed(0)
-    net = build_network(cfg.model, patch_size=cfg.train.patch_size)
+    net = build_model(cfg)
     path = tmp_path_factory.mktemp("hostile-model") / "m.pt"
     save_checkpoint(path, {"model": net.state_dict(), "config": to_dict(cfg), "step": 0})
     return path

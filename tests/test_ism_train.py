@@ -78,11 +78,14 @@ def test_gate_closed_temporal_fusion_is_the_single_visit_network() -> None:
         model(torch.cat([x, prior], 1))
 
 
-def test_missing_sequence_refused_without_modal_fusion() -> None:
-    cfg = load_config("ism", [*TINY, "ism.modal.enabled=false"])
+def test_missing_sequence_refused_without_modal_fusion_or_sequence_dropout() -> None:
+    cfg = load_config("ism", [*TINY, "ism.modal.enabled=false", "seqdrop.enabled=false"])
     model = build_model(cfg)
     assert isinstance(model, ISMNet)
     with pytest.raises(MensegError, match="t2f"), model.conditioned(present=[True, True, False, True]):
+        pass
+    dropout = build_model(load_config("ism", [*TINY, "ism.modal.enabled=false"]))  # the default: accepted
+    with dropout.conditioned(present=[True, True, False, True]):
         pass
 
 
@@ -171,12 +174,13 @@ def test_predict_with_missing_sequences(modal_run: Path, data: Path, tmp_path: P
     assert "missing " + ", ".join(drop) in caplog.text
 
 
-def test_predict_missing_sequence_refused_by_baseline(data: Path, tmp_path: Path) -> None:
+def test_predict_missing_sequence_refused_by_a_baseline_without_dropout(data: Path, tmp_path: Path) -> None:
     cfg = load_config("baseline", [f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}",
-                                   f"out_dir={tmp_path / 'base'}", "train.steps=1", *TINY])
+                                   f"out_dir={tmp_path / 'base'}", "train.steps=1", "seqdrop.enabled=false",
+                                   *TINY])
     run = train(cfg, progress=False)
     case = _case_without(data, tmp_path, ("t2w",))
-    with pytest.raises(MensegError, match="lacks t2w.*ism.modal"):
+    with pytest.raises(MensegError, match="lacks t2w.*trained without sequence dropout"):
         predict(run / "latest.pt", case, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

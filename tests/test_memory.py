@@ -16,7 +16,7 @@ import torch
 from menseg.checkpoint import save_checkpoint
 from menseg.config import load_config, to_dict
 from menseg.constants import MODALITIES
-from menseg.nets import build_network
+from menseg.ism.model import build_model
 
 #: Measured on 2 CPU cores: 3.37 GB max RSS (28.6 s) with the demo model (2 mm, 48^3 patches) and
 #: 3.57 GB (88 s, fp32) with the default model (1 mm, 96^3 patches); the four float32 input volumes
@@ -29,7 +29,7 @@ BOUND_GB = 4.0
 def test_predict_on_a_512x512x400_scan_stays_within_the_bound(tmp_path: Path, config: str) -> None:
     cfg = load_config(config, ["infer.precision=fp32"])
     torch.manual_seed(0)
-    net = build_network(cfg.model, patch_size=cfg.train.patch_size)
+    net = build_model(cfg)
     model = tmp_path / "m.pt"
     save_checkpoint(model, {"model": net.state_dict(), "config": to_dict(cfg), "step": 0})
     case = tmp_path / "in" / "BIG-00001-000"

@@ -8,6 +8,7 @@ import torch
 from menseg.checkpoint import load_checkpoint, load_model, save_checkpoint
 from menseg.config import Config, ModelConfig, TrainConfig, to_dict, with_overrides
 from menseg.errors import MensegError
+from menseg.ism.model import build_model
 from menseg.nets import build_network, n_deep_heads, plan_strides, required_divisor
 
 TINY = ModelConfig(filters=(4, 8, 16, 32), deep_supr_num=2)
@@ -55,7 +56,7 @@ def _tiny_cfg() -> Config:
 
 def test_checkpoint_roundtrip_and_load_model(tmp_path) -> None:
     cfg = _tiny_cfg()
-    net = build_network(cfg.model, patch_size=cfg.train.patch_size)
+    net = build_model(cfg)
     path = tmp_path / "m.pt"
     save_checkpoint(path, {"model": net.state_dict(), "config": to_dict(cfg), "step": 7})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.sha256"]  # no temp file left
@@ -70,7 +71,7 @@ def test_checkpoint_roundtrip_and_load_model(tmp_path) -> None:
 
 def test_load_checkpoint_errors(tmp_path) -> None:
     cfg = _tiny_cfg()
-    net = build_network(cfg.model, patch_size=cfg.train.patch_size)
+    net = build_model(cfg)
     good = tmp_path / "good.pt"
     save_checkpoint(good, {"model": net.state_dict(), "config": to_dict(cfg), "step": 1})
 

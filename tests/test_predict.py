@@ -19,7 +19,8 @@ from menseg.infer.predict import predict
 from menseg.nets import build_network
 
 MODS = ("t1c", "t1n", "t2f", "t2w")
-TINY = {
+TINY = {  # a model trained without sequence dropout: it needs all four sequences
+    "seqdrop": {"enabled": False},
     "model": {"filters": [4, 8, 16], "deep_supr_num": 1},
     "train": {"patch_size": [16, 16, 16]},
     "infer": {"overlap": 0.25, "min_component_mm3": 0.0},

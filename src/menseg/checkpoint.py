@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from menseg.config import Config, from_dict
+from menseg.config import Config, from_dict, with_legacy_values
 from menseg.errors import MensegError
 from menseg.utils import atomic_path, sha256_file
 
@@ -131,8 +131,8 @@ def config_from_checkpoint(state: dict[str, Any], path: str | Path | None = None
     d = state.get("config")
     if not isinstance(d, dict):
         raise MensegError("checkpoint has no stored config", path)
-    try:
-        return from_dict(Config, d)
+    try:  # keys added later are at their default, unless the default changed what a run does
+        return from_dict(Config, with_legacy_values(d))
     except MensegError as e:
         raise MensegError(f"stored config is invalid ({e})", path) from None
 

@@ -87,7 +87,7 @@ def data_check(
     reports = check_dataset(root)
     n_part = sum(bool(r.missing) for r in reports)
     table = Table(title=f"{root} — {len(reports)} case(s), all valid"
-                  + (f"; {n_part} incomplete (only models trained with modal fusion, ism.modal, predict them today)"
+                  + (f"; {n_part} incomplete (models trained with sequence dropout, the default, use them)"
                      if n_part else ""))
     for col in ("case", "sequences", "shape", "spacing (mm)", "orient", "dtype", "NETC mm³", "SNFH mm³",
                 "ET mm³"):
@@ -270,6 +270,9 @@ def _print_summary(summary: dict) -> None:
     for metric in ("lesion_dice", "lesion_hd95", "dice", "hd95", "surface_dice_1mm"):
         vals = [means.get(f"{r}_{metric}") for r in REGION_NAMES]
         table.add_row(metric, *("-" if v is None else f"{v:.3f}" for v in vals))
+    alone = (summary.get("t1c_only") or {}).get("mean")
+    if alone:  # the demo: the same cases predicted from t1c alone
+        table.add_row("lesion_dice, t1c alone", *(f"{alone[f'{r}_lesion_dice']:.3f}" for r in REGION_NAMES))
     _console().print(table)
 
 

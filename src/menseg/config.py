@@ -7,6 +7,7 @@ shorthand for ``data.root=DIR``. The resolved config is saved with every run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -465,6 +466,26 @@ class PostprocessConfig:
 
 
 @dataclass(frozen=True)
+class SeqDropConfig:
+    """Sequence dropout (``seqdrop``): per training sample a random subset of t1c/t1n/t2f/t2w is zeroed
+    (never all), and the network sees which sequences a patch has (:class:`menseg.nets.PresenceStem`),
+    so every model accepts any non-empty subset at prediction. On by default; ``ism.modal`` (modal
+    fusion) handles missing sequences its own way and takes its place when switched on."""
+
+    enabled: bool = True
+    #: probability that a training sample loses some sequences
+    p_drop: float = 0.3
+    #: at most this many sequences dropped from one sample (at least one always stays)
+    max_drop: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_drop <= 1.0:
+            raise MensegError(f"seqdrop.p_drop must be in [0, 1], got {self.p_drop}")
+        if self.max_drop < 0:
+            raise MensegError(f"seqdrop.max_drop must be at least 0, got {self.max_drop}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -480,6 +501,35 @@ class Config:
     carvemix: CarveMixConfig = field(default_factory=CarveMixConfig)
     tumorcp: TumorCPConfig = field(default_factory=TumorCPConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    seqdrop: SeqDropConfig = field(default_factory=SeqDropConfig)
+
+
+def presence_input(cfg: Config) -> bool:
+    """Whether the run's network takes the sequences' presence as input (sequence dropout on, and
+    not replaced by ISM's modal fusion)."""
+    return cfg.seqdrop.enabled and not cfg.ism.modal.enabled
+
+
+def accepts_subsets(cfg: Config) -> bool:
+    """Whether the run's model takes cases lacking sequences (presence input or ISM's modal fusion)."""
+    return presence_input(cfg) or cfg.ism.modal.enabled
+
+
+#: Keys whose default changed what a run does: a stored config that lacks one (a checkpoint, a benchmark
+#: run, a run folder made before the key existed) was made with this value, not with today's default.
+LEGACY_VALUES: dict[str, Any] = {"seqdrop.enabled": False}
+
+
+def with_legacy_values(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored nested config dict with the :data:`LEGACY_VALUES` of the keys it lacks filled in."""
+    out = copy.deepcopy(stored)
+    for key, value in LEGACY_VALUES.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {}) if isinstance(node.get(k, {}), dict) else {}
+        node.setdefault(leaf, value)
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

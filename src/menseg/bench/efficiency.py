@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from menseg.config import PACKAGED_CONFIGS, Config, flat_config, load_config, to_dict
+from menseg.config import LEGACY_VALUES, PACKAGED_CONFIGS, Config, flat_config, load_config, to_dict
 from menseg.data.layouts import CaseFiles, discover_cases
 from menseg.errors import MensegError
 from menseg.utils import (
@@ -463,10 +463,12 @@ class RunSpec:
         """Keys where ``stored`` (a finished run's identity) differs from this run's.
 
         A key the stored run did not have (a config option added to menseg later) counts
-        as equal when this run leaves it at its default; machine-specific keys (paths,
-        device: :data:`MACHINE_KEYS`) are not compared.
+        as equal when this run leaves it at its default, or, for a key whose default changed
+        what a run does, at the value runs had before it (:data:`menseg.config.LEGACY_VALUES`);
+        machine-specific keys (paths, device: :data:`MACHINE_KEYS`) are not compared.
         """
-        now, default = self.identity(), flat_config(to_dict(Config()))
+        now = self.identity()
+        default = {**flat_config(to_dict(Config())), **LEGACY_VALUES}
         keys = (set(now) | set(stored)) - set(MACHINE_KEYS)
         return sorted(k for k in keys if (stored[k] if k in stored else default.get(k)) != now.get(k))
 
@@ -616,7 +618,7 @@ def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequenc
             raise MensegError(f"this benchmark folder has format version {old.get('version')} (this menseg "
                               f"writes {BENCH_VERSION}); use a new --out", path)
         for k in PROTOCOL_KEYS:
-            if old.get(k) != plan[k]:
+            if _protocol_value(k, old.get(k)) != _protocol_value(k, plan[k], old.get(k)):
                 raise MensegError(
                     f"this benchmark folder was made with another protocol ({k}: {_short(old.get(k))} vs "
                     f"now {_short(plan[k])}); continue it with the same profile, data and --set, or use a "
@@ -629,6 +631,16 @@ def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequenc
     if not (out / ".gitignore").exists():
         write_text_atomic(out / ".gitignore", RESULTS_GITIGNORE)
     return plan
+
+
+def _protocol_value(key: str, value: Any, older: Any = None) -> Any:
+    """A protocol entry as compared: in the budget, a key that an older bench.json (``older``) lacks and
+    that pins the value runs had before the key existed (:data:`menseg.config.LEGACY_VALUES`) changes
+    nothing, so a benchmark started before such a key can pin it and go on."""
+    if key != "budget" or not isinstance(value, dict) or not isinstance(older, dict):
+        return value
+    return {k: v for k, v in value.items()
+            if k in older or k not in LEGACY_VALUES or LEGACY_VALUES[k] != v}
 
 
 def _short(value: Any, width: int = 80) -> str:

@@ -428,14 +428,15 @@ def _check_model_fits(
 ) -> None:
     """Refuse, before any work, inputs the model cannot use."""
     from menseg.ism.model import ISMNet
+    from menseg.nets import accepts_subsets
 
-    stem = model.stem if isinstance(model, ISMNet) else None
     partial = [c for c in cases if c.missing]
-    if partial and stem is None:
+    if partial and not accepts_subsets(model):
         c = partial[0]
         raise MensegError(
             f"case '{c.case_id}' lacks {', '.join(c.missing)}; this model needs all four sequences "
-            "(train with ism.modal.enabled=true to predict from a subset)", path)
+            "(it was trained without sequence dropout: retrain with seqdrop.enabled=true, the default, to "
+            "predict from a subset)", path)
     if prior is not None and not (isinstance(model, ISMNet) and model.temporal is not None):
         raise MensegError("this model has no temporal fusion (ism.temporal); it cannot use a prior visit",
                           path)

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from menseg.config import ModalFusionConfig
+from menseg.config import ModalFusionConfig, SeqDropConfig
 from menseg.constants import MODALITIES
 from menseg.errors import MensegError
 
@@ -91,7 +91,8 @@ def names_from_presence(present: Tensor) -> tuple[str, ...]:
 
 
 def sample_presence(
-    rng: torch.Generator, batch: int, cfg: ModalFusionConfig, n_modalities: int = len(MODALITIES)
+    rng: torch.Generator, batch: int, cfg: ModalFusionConfig | SeqDropConfig,
+    n_modalities: int = len(MODALITIES),
 ) -> Tensor:
     """Random sequence dropout for one training batch.
 

@@ -90,8 +90,13 @@ class ISMNet(nn.Module):
             self._present, self._gap_days = old
 
     def _check_present(self, present: Tensor) -> None:
-        """Refuse absent sequences (``present`` ``(4,)`` or ``(B, 4)`` bool) without modal fusion."""
+        """Refuse absent sequences (``present`` ``(4,)`` or ``(B, 4)`` bool) without modal fusion or
+        sequence dropout's presence input."""
+        from menseg.nets import PresenceStem
+
         present = torch.as_tensor(present, dtype=torch.bool)
+        if isinstance(self.net.input_block, PresenceStem):
+            return
         if self.stem is None and not bool(present.all()):
             absent = ~present.reshape(-1, N_MOD).all(dim=0)
             missing = [m for m, a in zip(MODALITIES, absent.tolist(), strict=True) if a]
@@ -197,9 +202,10 @@ class ISMNet(nn.Module):
 
 def build_model(cfg: Config) -> nn.Module:
     """The network of a run: the plain DynUNet, or :class:`ISMNet` when any ISM part is on."""
+    from menseg.config import presence_input
     from menseg.nets import build_network
 
-    net = build_network(cfg.model, patch_size=cfg.train.patch_size)
+    net = build_network(cfg.model, patch_size=cfg.train.patch_size, presence=presence_input(cfg))
     if not cfg.ism.any:
         return net
     return ISMNet(net, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from menseg.config import ModelConfig
@@ -69,13 +70,45 @@ def n_deep_heads(cfg: ModelConfig) -> int:
     return max(1, min(cfg.deep_supr_num, len(cfg.filters) - 2))
 
 
+class PresenceStem(nn.Module):
+    """The network's first block, told which sequences the input has.
+
+    A sequence is absent from a sample when its channel is exactly 0 over the whole input (what
+    preprocessing gives a missing sequence and what sequence dropout does in training; a present
+    z-scored sequence is 0 only outside the brain). The ``(B, C)`` presence code is appended as ``C``
+    constant channels before ``block`` (which takes ``2 C`` channels), so the same network runs on
+    any non-empty subset, in training, sliding-window prediction and ISM's encoder alike.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = (x.detach().flatten(2).abs().amax(dim=2) > 0).to(x.dtype)  # (B, C)
+        code = present[(...,) + (None,) * (x.dim() - 2)].expand_as(x)
+        return self.block(torch.cat([x, code], dim=1))
+
+
+def accepts_subsets(model: nn.Module) -> bool:
+    """Whether ``model`` predicts from any non-empty subset of the sequences (sequence dropout's
+    presence input, or ISM's modal fusion)."""
+    if any(isinstance(m, PresenceStem) for m in model.modules()):
+        return True
+    return getattr(model, "stem", None) is not None  # ISMNet with modal fusion
+
+
 def build_network(
     cfg: ModelConfig,
     in_channels: int = 4,
     out_channels: int = 3,
     patch_size: Sequence[int] | None = None,
+    presence: bool = False,
 ) -> nn.Module:
     """Build the segmentation network described by ``cfg``.
+
+    ``presence``: the first block also gets which input channels are present
+    (:class:`PresenceStem`; ``seqdrop``), so the network accepts missing sequences.
 
     Input ``(B, in_channels, X, Y, Z)``; X, Y, Z divisible by
     :func:`required_divisor`. Output logits: in eval mode (or without deep
@@ -96,9 +129,9 @@ def build_network(
     if cfg.norm not in norms:
         raise MensegError(f"unknown model.norm '{cfg.norm}' (known: {', '.join(norms)})")
     kernels, strides = plan_strides(n, patch_size)
-    return DynUNet(
+    net = DynUNet(
         spatial_dims=3,
-        in_channels=in_channels,
+        in_channels=2 * in_channels if presence else in_channels,
         out_channels=out_channels,
         kernel_size=kernels,
         strides=strides,
@@ -111,6 +144,12 @@ def build_network(
         deep_supr_num=n_deep_heads(cfg) if cfg.deep_supervision else 1,
         res_block=False,
     )
+    if presence:
+        stem = PresenceStem(net.input_block)
+        net.input_block = stem
+        net.skip_layers.downsample = stem  # DynUNet's forward runs its skip chain, built with the old block
+    return net
 
 
-__all__ = ["MIN_FEATURE_SIZE", "build_network", "n_deep_heads", "plan_strides", "required_divisor"]
+__all__ = ["MIN_FEATURE_SIZE", "PresenceStem", "accepts_subsets", "build_network", "n_deep_heads",
+           "plan_strides", "required_divisor"]

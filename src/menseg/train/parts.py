@@ -46,9 +46,9 @@ Tensor = torch.Tensor
 
 #: Modules that define the built-in parts, in the order their parts run (a part's hooks run before the
 #: hooks of the parts after it: Sim2Real sets up the sampler that copy-paste and ISM's partners are drawn
-#: from).
-ORDER: tuple[str, ...] = ("menseg.train.sim2real", "menseg.train.copypaste", "menseg.train.ism",
-                          "menseg.train.postprocess")
+#: from; sequence dropout acts on the sample after copy-paste has pasted into it).
+ORDER: tuple[str, ...] = ("menseg.train.sim2real", "menseg.train.copypaste", "menseg.train.seqdrop",
+                          "menseg.train.ism", "menseg.train.postprocess")
 
 _REGISTRY: dict[str, type[Part]] = {}
 

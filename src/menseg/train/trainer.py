@@ -72,11 +72,11 @@ def poly_lr(base_lr: float, step: int, total: int, exponent: float = POLY_EXPONE
 
 
 def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> None:
-    from menseg.config import from_dict
+    from menseg.config import from_dict, with_legacy_values
 
     now = flat_config(to_dict(cfg))
-    try:  # options added to menseg after the run started count at their default
-        then = flat_config(to_dict(from_dict(Config, stored)))
+    try:  # options added to menseg after the run started count at their default (or legacy value)
+        then = flat_config(to_dict(from_dict(Config, with_legacy_values(stored))))
     except MensegError:
         then = flat_config(stored)
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -124,6 +124,7 @@ def prepare_network(model: nn.Module, cfg: Config) -> nn.Module:
 
 def _load_data(cfg: Config, cache: Path, parts: Sequence[Part]) -> tuple[list[Any], list[Any]]:
     """Preprocessed ``(train_cases, val_cases)`` (PreprocessedCase lists) of the labelled cases."""
+    from menseg.config import accepts_subsets
     from menseg.data.dataset import preprocess_dataset
     from menseg.data.layouts import discover_cases
 
@@ -134,7 +135,9 @@ def _load_data(cfg: Config, cache: Path, parts: Sequence[Part]) -> tuple[list[An
                      ", ".join(own))
             return [], []
         raise MensegError("data.root is not set (give the dataset folder, e.g. data=DIR)")
-    cases = [c for c in discover_cases(cfg.data.root) if c.label is not None]
+    # a network that knows which sequences are present trains on incomplete cases as they are
+    found = discover_cases(cfg.data.root, allow_missing=accepts_subsets(cfg))
+    cases = [c for c in found if c.label is not None]
     if cfg.data.cases:
         by_id = {c.case_id: c for c in cases}
         unknown = [i for i in cfg.data.cases if i not in by_id]
@@ -298,6 +301,7 @@ def _train(
     progress: bool,
     on_step: Callable[[int, int], None] | None,
 ) -> Path:
+    from menseg.config import presence_input
     from menseg.nets import build_network
     from menseg.train import distributed as ddp
     from menseg.train.augment import augment_batch
@@ -339,7 +343,8 @@ def _train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(tc.seed, "init"))
             nets = [n for p in parts if (n := p.network()) is not None]
-            model = nets[0] if nets else build_network(cfg.model, patch_size=tc.patch_size)
+            model = nets[0] if nets else build_network(cfg.model, patch_size=tc.patch_size,
+                                                        presence=presence_input(cfg))
         model.to(device)
         run.model = model
         for p in parts:

@@ -1,0 +1,78 @@
+"""Sequence dropout as a training part (``seqdrop``, on by default).
+
+Real archives are incomplete (contrast-enhanced T1 only in radiotherapy cohorts, follow-ups without
+FLAIR or T2, older studies with FLAIR and a non-contrast T1). After augmentation each training sample
+loses, with probability ``seqdrop.p_drop``, a random non-empty subset of its sequences (at most
+``seqdrop.max_drop``, never all of those it has): their channels become 0, exactly what preprocessing
+gives a sequence a case lacks. The network's first block (:class:`menseg.nets.PresenceStem`) reads which
+channels are present, so one model predicts from any non-empty subset and from all four. Labelled cases
+that lack sequences train as they are: their missing channels are already 0.
+
+The draw of a sample depends only on the run seed, the step and the sample's global index (replayable,
+identical under DDP); it uses :func:`menseg.ism.modal.sample_presence`, the draw of ISM's modal fusion,
+which takes this part's place when ``ism.modal`` is on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from menseg.config import Config, presence_input
+from menseg.constants import MODALITIES
+from menseg.ism.modal import mask_absent, sample_presence
+from menseg.train.parts import Part, TrainSetup, register
+from menseg.utils import derive_seed
+
+Tensor = torch.Tensor
+N_MOD = len(MODALITIES)
+
+
+def present_channels(img: Tensor) -> Tensor:
+    """``(B, C)`` bool: which channels of a ``(B, C, ...)`` batch hold anything (not exactly 0)."""
+    return img.detach().flatten(2).abs().amax(dim=2) > 0
+
+
+@register
+class SeqDropPart(Part):
+    """Drops random sequences of training samples (``seqdrop.enabled`` without ``ism.modal``)."""
+
+    name = "seqdrop"
+    count_stats = frozenset({"seqdrop_dropped"})
+    runs_on = frozenset({"cases", "visit pairs"})
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.shard: range = range(0)
+        self.last_dropped = 0.0
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return presence_input(cfg)
+
+    def setup(self, run: TrainSetup) -> None:
+        self.shard = run.shard
+
+    def draw(self, step: int, sample: int) -> Tensor:
+        """``(4,)`` bool: the sequences sample ``sample`` (global index) of step ``step`` keeps."""
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.name, step, sample))
+        return sample_presence(gen, 1, self.cfg.seqdrop)[0]
+
+    def mix_batch(self, step: int, img: Tensor, lab: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+        if img.shape[1] % N_MOD:
+            raise ValueError(f"seqdrop: expected a multiple of {N_MOD} channels, got {img.shape[1]}")
+        keep = torch.stack([self.draw(step, g) for g in self.shard]).to(img.device)  # (B, 4)
+        has = present_channels(img[:, :N_MOD])  # sequences a sample has before dropout
+        # never all: a sample whose kept sequences would miss everything it has keeps them all
+        empty = ~(keep & has).any(dim=1) & has.any(dim=1)
+        keep[empty] = True
+        self.last_dropped = float((~keep).any(dim=1).sum())
+        if bool(keep.all()):
+            return img, lab
+        groups = img.shape[1] // N_MOD  # visit pairs: the prior visit loses the same sequences
+        return mask_absent(img, keep.repeat(1, groups)), lab
+
+    def batch_stats(self, meta: Tensor) -> dict[str, float]:
+        return {"seqdrop_dropped": self.last_dropped}
+
+
+__all__ = ["SeqDropPart", "present_channels"]
