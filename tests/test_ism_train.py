@@ -227,6 +227,24 @@ def test_longitudinal_training_and_prior_prediction(longitudinal: Path, tmp_path
     without = predict(run / "latest.pt", patient / last, tmp_path / "without.nii.gz", progress=False)
     a, b = (np.asarray(nib.load(str(p[0])).dataobj) for p in (with_prior, without))
     assert a.shape == b.shape
+    # an incomplete prior visit (no FLAIR, no T2) is used as it is
+    partial = tmp_path / "partial" / first
+    shutil.copytree(patient / first, partial)
+    for m in ("t2f", "t2w"):
+        (partial / f"{first}-{m}.nii.gz").unlink()
+    (c,) = predict(run / "latest.pt", patient / last, tmp_path / "partial.nii.gz", prior=partial,
+                   gap_days=gap, progress=False)
+    assert np.asarray(nib.load(str(c)).dataobj).shape == a.shape
+    lone = tmp_path / "lone" / first  # a prior with only T2: nothing to register on against a t1c-only case
+    shutil.copytree(patient / first, lone)
+    for m in ("t1c", "t1n", "t2f"):
+        (lone / f"{first}-{m}.nii.gz").unlink()
+    cur = tmp_path / "cur" / last
+    shutil.copytree(patient / last, cur)
+    for m in ("t1n", "t2f", "t2w"):
+        (cur / f"{last}-{m}.nii.gz").unlink()
+    with pytest.raises(MensegError, match="shares no sequence"):
+        predict(run / "latest.pt", cur, tmp_path / "lone.nii.gz", prior=lone, gap_days=gap, progress=False)
 
 
 def test_keep_tumour_mix_keeps_the_own_lesion_and_partners_bring_tumour() -> None:

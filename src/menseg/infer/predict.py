@@ -167,8 +167,13 @@ def predict_case(
     if prior is not None:
         from menseg.ism.visits import prepare_prior
 
+        shared = [i for i, m in enumerate(MODALITIES) if present[i] and m in prior.images]
+        if not shared:
+            raise MensegError(f"the prior visit '{prior.case_id}' ({', '.join(prior.present)}) shares no "
+                              f"sequence with case '{case.case_id}' ({', '.join(case.present)}) to register "
+                              "on")
         prior_pp, tf = prepare_prior(image_pp, {**props, "case_id": case.case_id}, prior, cfg.data.spacing,
-                                     seed=cfg.train.seed, channel=present.index(True))
+                                     seed=cfg.train.seed, channel=shared[0])
         log.info("%s: prior visit %s (%g days earlier) registered (rotation %.1f deg, shift %.1f mm)",
                  case.case_id, prior.case_id, gap_days, tf.rotation_angle_deg,
                  float(np.linalg.norm(tf.translation_mm)))
@@ -416,7 +421,7 @@ def _prior_case(
     if isinstance(prior, CaseFiles):
         found = [prior]
     else:
-        found = discover_inputs(prior)  # type: ignore[arg-type]
+        found = discover_inputs(prior, allow_missing=True)  # type: ignore[arg-type]
     if len(found) != 1:
         raise MensegError(f"--prior must be one earlier visit, found {len(found)} cases",
                           prior if isinstance(prior, str | os.PathLike) else None)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from menseg.data.dataset import PreprocessedCase, cache_key, preprocess_dataset
 from menseg.data.layouts import CaseFiles, discover_series
-from menseg.data.preprocess import load_case, preprocess
+from menseg.data.preprocess import load_case, preprocess, present_mask
 from menseg.data.sampling import choose_start, crop_pad, foreground_coords, n_foreground
 from menseg.errors import MensegError
 from menseg.ism.register import RegistrationConfig, RigidTransform, register_rigid, resample_to_fixed
@@ -419,8 +419,9 @@ def prepare_prior(
         raise MensegError(
             f"current image shape {list(cur.shape[1:])} differs from its preprocessed shape {shape}"
         )
-    image, _, affine = load_case(prior)
-    prior_pp, _, prior_props = preprocess(image, None, affine, [float(s) for s in spacing])
+    image, _, affine = load_case(prior)  # a sequence the prior lacks is a zero channel
+    prior_pp, _, prior_props = preprocess(image, None, affine, [float(s) for s in spacing],
+                                          present=present_mask(prior), name=prior.case_id)
     if prior_pp.shape[0] != cur.shape[0]:
         raise MensegError(
             f"prior visit '{prior.case_id}' has {prior_pp.shape[0]} channels, the current case "
