@@ -46,6 +46,22 @@ def test_missing_table_means_over_seeds() -> None:
     # seed means 0.3 and 0.7 -> 0.5 +- 0.283 (sample std, as the efficiency report)
     assert "| v | none | 0.500 ± 0.283 | 0.500 ± 0.283 | 0.500 ± 0.283 |" in table
     assert "N = 3" in table
+    # a condition's share of the complete-scan mean
+    rows += [{**r, "dropped": "t1n t2f t2w", "WT_lesion_dice": r["WT_lesion_dice"] / 2} for r in rows]
+    table = missing_table(rows, 3)
+    assert "| v | t1n t2f t2w | 0.500 ± 0.283 (100%) | 0.500 ± 0.283 (100%) | 0.250 ± 0.141 (50%) |" in table
+
+
+def test_the_fifteen_subsets() -> None:
+    from menseg.bench.ism import conditions
+
+    every = conditions("all")
+    assert len(every) == 15 == len(set(every)) and every[0] == ("t1c", "t1n", "t2f", "t2w")
+    assert every[-4:] == [("t1c",), ("t1n",), ("t2f",), ("t2w",)]
+    assert conditions("single") == [("t1c", "t1n", "t2f", "t2w"), ("t1n", "t2f", "t2w"),
+                                    ("t1c", "t2f", "t2w"), ("t1c", "t1n", "t2w"), ("t1c", "t1n", "t2f")]
+    with pytest.raises(MensegError, match="--subsets must be 'single' or 'all'"):
+        conditions("some")
 
 
 def test_bench_missing_through_the_cli(tmp_path: Path) -> None:
@@ -65,6 +81,14 @@ def test_bench_missing_through_the_cli(tmp_path: Path) -> None:
     assert {r["modal_fusion"] for r in rows if r["variant"] == "tinyism"} == {"True"}
     assert {r["modal_fusion"] for r in rows if r["variant"] == "baseline"} == {"False"}
     assert all(0.0 <= float(r["WT_lesion_dice"]) <= 1.0 for r in rows)
+    r = subprocess.run([sys.executable, "-m", "menseg", "bench", "missing", "--out", str(out), "--variants",
+                        "baseline,tinyism", "--device", "cpu", "--subsets", "all", "--cases", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "subsets" / "missing.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 15 * 1 and len({r["kept"] for r in rows}) == 15
+    assert "| baseline | t1n t2f t2w |" in r.stdout  # t1c alone
     with pytest.raises(MensegError, match="no finished runs"):
         run_missing(out, ["nosuch"], progress=False)
     with pytest.raises(MensegError, match="not a benchmark folder"):

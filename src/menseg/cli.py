@@ -548,14 +548,24 @@ def bench_missing(
         int | None, typer.Option(help="Which N's runs (default: the largest finished).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    subsets: Annotated[
+        str, typer.Option(help="single: each sequence dropped alone (5 conditions); all: predicted from each "
+                          "of the 15 non-empty subsets.")
+    ] = "single",
+    cases: Annotated[
+        int | None, typer.Option(help="Use only the first K home test cases (default: all).")
+    ] = None,
 ) -> None:
-    """Lesion-wise Dice with each MRI sequence dropped at prediction, per variant (modal fusion vs not).
+    """Lesion-wise Dice with MRI sequences dropped at prediction, per variant (sequence dropout, modal
+    fusion, neither).
 
-    Writes OUT/missing/missing.csv and missing.md and prints the table.
+    Writes OUT/missing/ (or OUT/subsets/ with --subsets all): missing.csv and missing.md, and prints the
+    table.
     """
     from menseg.bench.ism import run_missing
 
-    folder = run_missing(out, [v.strip() for v in variants.split(",") if v.strip()], labeled, device)
+    folder = run_missing(out, [v.strip() for v in variants.split(",") if v.strip()], labeled, device,
+                         subsets=subsets, max_cases=cases)
     typer.echo((folder / "missing.md").read_text())
 
 

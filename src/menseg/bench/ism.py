@@ -41,6 +41,18 @@ log = logging.getLogger(__name__)
 DROPS: tuple[str, ...] = ("none", *MODALITIES)
 
 
+def conditions(kind: str = "single") -> list[tuple[str, ...]]:
+    """The sequences kept in each condition: ``single``: all four, then each one dropped (5);
+    ``all``: every non-empty subset (15), largest first, MODALITIES order within a size."""
+    import itertools
+
+    if kind == "single":
+        return [tuple(m for m in MODALITIES if m != d) for d in DROPS]
+    if kind == "all":
+        return [c for k in range(len(MODALITIES), 0, -1) for c in itertools.combinations(MODALITIES, k)]
+    raise MensegError(f"--subsets must be 'single' or 'all', got '{kind}'")
+
+
 def _finished_runs(
     bench: Path, variants: Sequence[str], labeled: int | None
 ) -> tuple[int, list[dict[str, Any]]]:
@@ -95,11 +107,18 @@ def run_missing(
     labeled: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    subsets: str = "single",
+    max_cases: int | None = None,
 ) -> Path:
-    """Dice with each sequence dropped, for every finished run of ``variants`` at one N.
+    """Dice with sequences dropped, for every finished run of ``variants`` at one N.
 
-    Writes ``BENCH/missing/missing.csv`` (one row per variant, seed, dropped sequence and test
-    case) and ``missing.md`` (mean +- std over seeds of the test-set mean); returns the folder.
+    ``subsets``: ``single`` (each sequence dropped alone; folder ``BENCH/missing``) or ``all``
+    (predicted from each of the 15 non-empty subsets; folder ``BENCH/subsets``). Writes
+    ``missing.csv`` (one row per variant, seed, condition and test case) and ``missing.md``
+    (mean +- std over seeds of the test-set mean, and the share of the complete-scan figure);
+    returns the folder. A model with sequence dropout or modal fusion sees which sequences are
+    there; a model without either gets zero channels for the dropped ones. ``max_cases``: only
+    the first that many home test cases (sorted ids), to bound the cost of the 15 subsets.
     """
     from tqdm.auto import tqdm
 
@@ -114,25 +133,33 @@ def run_missing(
         raise MensegError("not a benchmark folder (no bench.json); run menseg bench efficiency first", bench)
     n, runs = _finished_runs(bench, variants, labeled)
     dev = resolve_device(device)
-    out = bench / "missing"
+    conds = conditions(subsets)
+    out = bench / ("missing" if subsets == "single" else "subsets")
     out.mkdir(exist_ok=True)
     # the pool's folder on this machine: from the run's own config (run.json keeps no paths)
     root = Path(yaml.safe_load((runs[0]["_dir"] / "train" / "config.yaml").read_text())["data"]["root"])
     spacing = [float(s) for s in runs[0]["config"]["data.spacing"]]
-    cases = preprocess_dataset(_test_cases(bench, root), out / "preprocessed", spacing)
+    test = _test_cases(bench, root)
+    if max_cases is not None:
+        if max_cases < 1:
+            raise MensegError(f"--cases must be at least 1, got {max_cases}")
+        test = sorted(test, key=lambda c: c.case_id)[:max_cases]
+    cases = preprocess_dataset(test, out / "preprocessed", spacing)
     rows: list[dict[str, Any]] = []
     bar = tqdm(
-        total=len(runs) * len(DROPS) * len(cases), desc="missing sequences", unit="case", disable=not progress
+        total=len(runs) * len(conds) * len(cases), desc="missing sequences", unit="case", disable=not progress
     )
     for run in runs:
         model, cfg = load_model(run["_dir"] / "train" / "latest.pt", dev)
-        modal = isinstance(model, ISMNet) and model.stem is not None
-        for drop in DROPS:
-            present = [m != drop for m in MODALITIES]
+        modal = isinstance(model, ISMNet) and model.stem is not None  # (a presence stem needs no hint)
+        for kept in conds:
+            present = [m in kept for m in MODALITIES]
+            dropped = " ".join(m for m in MODALITIES if m not in kept) or "none"
             for case in cases:
                 x = torch.from_numpy(np.array(case.image, dtype=np.float32))
-                if drop != "none":
-                    x[MODALITIES.index(drop)] = 0.0
+                for i, m in enumerate(MODALITIES):
+                    if m not in kept:
+                        x[i] = 0.0
                 ctx = (model.conditioned(present=present if modal else None) if isinstance(model, ISMNet)
                        else contextlib.nullcontext())
                 with ctx:
@@ -143,7 +170,8 @@ def run_missing(
                     {
                         "variant": run["variant"],
                         "seed": run["seed"],
-                        "dropped": drop,
+                        "kept": " ".join(kept),
+                        "dropped": dropped,
                         "case": case.case_id,
                         "modal_fusion": modal,
                         **_score(label, np.asarray(case.label), case.spacing),
@@ -164,27 +192,35 @@ def run_missing(
 
 
 def missing_table(rows: Sequence[dict[str, Any]], n: int) -> str:
-    """Markdown table: per variant and dropped sequence, mean +- std over seeds of the test-set
-    mean lesion-wise Dice per region."""
+    """Markdown table: per variant and condition (sequences dropped), mean +- std over seeds of the
+    test-set mean lesion-wise Dice per region, and its share of the variant's complete-scan mean."""
     lines = [
-        f"Lesion-wise Dice with one sequence dropped at prediction (N = {n} labelled cases; "
-        "mean ± std over seeds of the test-set mean)",
+        f"Lesion-wise Dice with sequences dropped at prediction (N = {n} labelled cases; "
+        "mean ± std over seeds of the test-set mean; in brackets the share of the complete-scan mean)",
         "",
         "| variant | dropped | " + " | ".join(REGION_NAMES) + " |",
         "|---|---|" + "---|" * len(REGION_NAMES),
     ]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    drops = list(dict.fromkeys(r["dropped"] for r in rows))
+
+    def seed_means(v: str, drop: str, reg: str) -> list[float]:
+        sub = [r for r in rows if r["variant"] == v and r["dropped"] == drop]
+        seeds = sorted({r["seed"] for r in sub})
+        return [float(np.mean([r[f"{reg}_lesion_dice"] for r in sub if r["seed"] == s])) for s in seeds]
+
     for v in variants:
-        for drop in DROPS:
-            sub = [r for r in rows if r["variant"] == v and r["dropped"] == drop]
-            if not sub:
+        for drop in drops:
+            if not any(r["variant"] == v and r["dropped"] == drop for r in rows):
                 continue
             cells = []
             for reg in REGION_NAMES:
-                seeds = sorted({r["seed"] for r in sub})
-                means = [np.mean([r[f"{reg}_lesion_dice"] for r in sub if r["seed"] == s]) for s in seeds]
+                means = seed_means(v, drop, reg)
                 sd = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0  # sample std, as the report
-                cells.append(f"{np.mean(means):.3f} ± {sd:.3f}")
+                full = seed_means(v, "none", reg)
+                share = (f" ({np.mean(means) / np.mean(full):.0%})" if drop != "none" and full
+                         and np.mean(full) > 0 else "")
+                cells.append(f"{np.mean(means):.3f} ± {sd:.3f}{share}")
             lines.append(f"| {v} | {drop} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
