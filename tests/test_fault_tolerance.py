@@ -55,7 +55,10 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while steps_done(run) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        # a step's metrics line is written before its checkpoint: wait for the first checkpoint too, or a
+        # kill between them leaves nothing to resume (and the run is refused, as it should be)
+        while ((steps_done(run) < kill_after or not (run / "latest.pt").exists()) and proc.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)  # the process and, under DDP, the launcher and every rank
     finally:

@@ -87,7 +87,7 @@ def data_check(
     reports = check_dataset(root)
     n_part = sum(bool(r.missing) for r in reports)
     table = Table(title=f"{root} — {len(reports)} case(s), all valid"
-                  + (f"; {n_part} incomplete (models trained with sequence dropout, the default, use them)"
+                  + (f"; {n_part} incomplete (models trained with seqdrop.enabled=true or ism.modal use them)"
                      if n_part else ""))
     for col in ("case", "sequences", "shape", "spacing (mm)", "orient", "dtype", "NETC mm³", "SNFH mm³",
                 "ET mm³"):

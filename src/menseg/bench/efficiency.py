@@ -569,7 +569,7 @@ def _foreign(out: Path) -> bool:
     if not out.is_dir():
         return False
     leftovers = set(atomic_leftovers(out))
-    return any(p.name != LOCK_NAME and p not in leftovers for p in out.iterdir())
+    return any(p.name not in (LOCK_NAME, ".gitignore") and p not in leftovers for p in out.iterdir())
 
 
 #: What a results folder may hold in git: everything but these (checkpoints, predictions, caches).
@@ -628,8 +628,6 @@ def _check_plan(out: Path, data: BenchData, profile: Profile, overrides: Sequenc
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, plan)
-    if not (out / ".gitignore").exists():
-        write_text_atomic(out / ".gitignore", RESULTS_GITIGNORE)
     return plan
 
 
@@ -818,6 +816,9 @@ def run_efficiency(
         raise MensegError("no benchmark here to report on (bench.json missing)", out)
     if not (out / "bench.json").is_file() and _foreign(out):  # refused before anything is written there
         raise MensegError("output folder is not empty and holds no benchmark (bench.json)", out)
+    if not report_only and not (out / ".gitignore").exists():  # before the lock file: never committed
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / ".gitignore", RESULTS_GITIGNORE)
     # two commands must not train the same runs; --report-only only reads the runs (and writes report/,
     # which a running benchmark writes only when it ends), so it may look at a benchmark in progress
     with contextlib.nullcontext() if report_only else folder_lock(out, "benchmark"):

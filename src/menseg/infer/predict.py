@@ -440,8 +440,12 @@ def _check_model_fits(
         c = partial[0]
         raise MensegError(
             f"case '{c.case_id}' lacks {', '.join(c.missing)}; this model needs all four sequences "
-            "(it was trained without sequence dropout: retrain with seqdrop.enabled=true, the default, to "
-            "predict from a subset)", path)
+            "(it was trained without sequence dropout: train with seqdrop.enabled=true to predict from a "
+            "subset)", path)
+    if prior is not None and prior.missing and not accepts_subsets(model):
+        raise MensegError(
+            f"the prior visit '{prior.case_id}' lacks {', '.join(prior.missing)}; this model needs all four "
+            "sequences (train with seqdrop.enabled=true to use incomplete visits)", path)
     if prior is not None and not (isinstance(model, ISMNet) and model.temporal is not None):
         raise MensegError("this model has no temporal fusion (ism.temporal); it cannot use a prior visit",
                           path)
