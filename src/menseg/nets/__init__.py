@@ -70,6 +70,11 @@ def n_deep_heads(cfg: ModelConfig) -> int:
     return max(1, min(cfg.deep_supr_num, len(cfg.filters) - 2))
 
 
+def present_channels(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` bool: which channels of a ``(B, C, ...)`` batch hold anything (not exactly 0 everywhere)."""
+    return x.detach().flatten(2).abs().amax(dim=2) > 0
+
+
 class PresenceStem(nn.Module):
     """The network's first block, told which sequences the input has.
 
@@ -85,7 +90,7 @@ class PresenceStem(nn.Module):
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        present = (x.detach().flatten(2).abs().amax(dim=2) > 0).to(x.dtype)  # (B, C)
+        present = present_channels(x).to(x.dtype)  # (B, C)
         code = present[(...,) + (None,) * (x.dim() - 2)].expand_as(x)
         return self.block(torch.cat([x, code], dim=1))
 
@@ -152,4 +157,4 @@ def build_network(
 
 
 __all__ = ["MIN_FEATURE_SIZE", "PresenceStem", "accepts_subsets", "build_network", "n_deep_heads",
-           "plan_strides", "required_divisor"]
+           "plan_strides", "present_channels", "required_divisor"]

@@ -20,16 +20,12 @@ import torch
 from menseg.config import Config, presence_input
 from menseg.constants import MODALITIES
 from menseg.ism.modal import mask_absent, sample_presence
+from menseg.nets import present_channels
 from menseg.train.parts import Part, TrainSetup, register
 from menseg.utils import derive_seed
 
 Tensor = torch.Tensor
 N_MOD = len(MODALITIES)
-
-
-def present_channels(img: Tensor) -> Tensor:
-    """``(B, C)`` bool: which channels of a ``(B, C, ...)`` batch hold anything (not exactly 0)."""
-    return img.detach().flatten(2).abs().amax(dim=2) > 0
 
 
 @register
