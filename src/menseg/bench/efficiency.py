@@ -493,7 +493,7 @@ def parse_adapt(adapt: Sequence[str], variants: Sequence[str], data: BenchData) 
         if site not in data.unlabeled:
             raise MensegError(f"--adapt {item}: site '{site}' has no unlabelled scans (n_unlabeled in the "
                               "profile's away cohort)")
-        if variant_name(variant) not in {variant_name(v) for v in variants} and not Path(variant).suffix:
+        if variant_name(variant) not in {variant_name(v) for v in variants}:
             log.info("--adapt %s: %s is not among the variants; it runs only adapted", item, variant)
         out.append((variant, site))
     return out

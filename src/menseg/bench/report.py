@@ -297,21 +297,15 @@ def _set_title(test_set: str) -> str:
     return "home test set" if test_set == HOME else f"away test set {test_set}"
 
 
-def _headline(records: Sequence[RunRecord], sets: Sequence[str], variants: Sequence[str],
-              ceiling_n: int | None) -> tuple[list[str], list[list[Any]]]:
-    """WT lesion-wise Dice per variant and N, one column per test set, drop home -> away, share of the
-    ceiling (the reference trained on the whole pool) at home."""
+def _headline(per_set: Mapping[str, Mapping[str, Any]], records: Sequence[RunRecord], sets: Sequence[str],
+              variants: Sequence[str], ceiling_n: int | None) -> tuple[list[str], list[list[Any]]]:
+    """WT lesion-wise Dice per variant and N, one column per test set (the :func:`aggregate` rows of
+    each set), drop home -> away, share of the ceiling (the reference trained on the whole pool) at home."""
     m = "WT_lesion_dice"
-    by: dict[tuple[str, int, str], list[float]] = {}
-    seeds: dict[tuple[str, int], set[int]] = {}
-    unl: dict[str, str] = {}
-    for r in records:
-        by.setdefault((r.variant, r.n_labeled, r.test_set), []).append(
-            float(np.mean([_value_of(r, c, m) for c in r.metrics])))
-        seeds.setdefault((r.variant, r.n_labeled), set()).add(r.seed)
-        unl[r.variant] = r.unlabeled_from or "none"
+    rows = {(r["variant"], r["n_labeled"], t): r for t in sets for r in per_set[t]["rows"]}
+    unl = {r.variant: r.unlabeled_from or "none" for r in records}
     away = [t for t in sets if t != HOME]
-    ceil = by.get((variants[0], ceiling_n, HOME)) if ceiling_n is not None else None
+    ceil = rows.get((variants[0], ceiling_n, HOME)) if ceiling_n is not None else None
     head = ["variant", "unlabelled scans", "N", "seeds", *(_set_title(t) for t in sets)]
     if away and HOME in sets:
         head.append("drop home -> away (mean)")
@@ -319,19 +313,18 @@ def _headline(records: Sequence[RunRecord], sets: Sequence[str], variants: Seque
         head.append("share of ceiling (home)")
     body = []
     for v in variants:
-        for n in sorted({k[1] for k in by if k[0] == v}):
-            row: list[Any] = [v, unl.get(v, "none"), n, len(seeds[(v, n)])]
+        for n in sorted({k[1] for k in rows if k[0] == v}):
+            first = next(rows[(v, n, t)] for t in sets if (v, n, t) in rows)
+            row: list[Any] = [v, unl.get(v, "none"), n, first["n_seeds"]]
             for t in sets:
-                xs = by.get((v, n, t))
-                sd = np.std(xs, ddof=1) if xs and len(xs) > 1 else 0.0
-                row.append(f"{np.mean(xs):.3f} ± {sd:.3f}" if xs else "n/a")
+                r = rows.get((v, n, t))
+                row.append(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" if r else "n/a")
+            home = rows.get((v, n, HOME))
             if away and HOME in sets:
-                home = by.get((v, n, HOME))
-                aw = [np.mean(by[(v, n, t)]) for t in away if (v, n, t) in by]
-                row.append(f"{np.mean(home) - np.mean(aw):+.3f}" if home and aw else "n/a")
+                aw = [rows[(v, n, t)][f"{m}_mean"] for t in away if (v, n, t) in rows]
+                row.append(f"{home[f'{m}_mean'] - np.mean(aw):+.3f}" if home and aw else "n/a")
             if ceil:
-                home = by.get((v, n, HOME))
-                row.append(f"{np.mean(home) / np.mean(ceil):.0%}" if home else "n/a")
+                row.append(f"{home[f'{m}_mean'] / ceil[f'{m}_mean']:.0%}" if home else "n/a")
             body.append(row)
     return head, body
 
@@ -443,7 +436,7 @@ def _blocks(meta: Mapping[str, Any], records: Sequence[RunRecord], per_set: Mapp
     out: list[Block] = [("h1", str(meta.get("title", "menseg data-efficiency benchmark")))]
     out += _how_it_was_run(meta)
     if multi or ceiling_n is not None:
-        head, body = _headline(records, sets, variants, ceiling_n)
+        head, body = _headline(per_set, records, sets, variants, ceiling_n)
         out += [("h2", "Headline: WT lesion-wise Dice by test set"),
                 ("p", "Mean ± std over seeds of the per-run mean over each test set. Away sites are other "
                       "scanners and patient populations that no run trains on; a variant uses an away "

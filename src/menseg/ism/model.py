@@ -202,10 +202,9 @@ class ISMNet(nn.Module):
 
 def build_model(cfg: Config) -> nn.Module:
     """The network of a run: the plain DynUNet, or :class:`ISMNet` when any ISM part is on."""
-    from menseg.config import presence_input
-    from menseg.nets import build_network
+    from menseg.nets import build_run_network
 
-    net = build_network(cfg.model, patch_size=cfg.train.patch_size, presence=presence_input(cfg))
+    net = build_run_network(cfg)
     if not cfg.ism.any:
         return net
     return ISMNet(net, cfg)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from menseg.config import ModelConfig
+from menseg.config import Config, ModelConfig
 from menseg.errors import MensegError
 
 #: Smallest feature-map edge (voxels) the encoder downsamples to on any axis.
@@ -156,5 +156,13 @@ def build_network(
     return net
 
 
-__all__ = ["MIN_FEATURE_SIZE", "PresenceStem", "accepts_subsets", "build_network", "n_deep_heads",
-           "plan_strides", "present_channels", "required_divisor"]
+def build_run_network(cfg: Config) -> nn.Module:
+    """The plain network of a run: ``cfg.model`` for its patch size, with the presence input when the run
+    trains with sequence dropout (:func:`menseg.config.presence_input`)."""
+    from menseg.config import presence_input
+
+    return build_network(cfg.model, patch_size=cfg.train.patch_size, presence=presence_input(cfg))
+
+
+__all__ = ["MIN_FEATURE_SIZE", "PresenceStem", "accepts_subsets", "build_network", "build_run_network",
+           "n_deep_heads", "plan_strides", "present_channels", "required_divisor"]

@@ -301,8 +301,7 @@ def _train(
     progress: bool,
     on_step: Callable[[int, int], None] | None,
 ) -> Path:
-    from menseg.config import presence_input
-    from menseg.nets import build_network
+    from menseg.nets import build_run_network
     from menseg.train import distributed as ddp
     from menseg.train.augment import augment_batch
     from menseg.train.losses import RegionDiceBCELoss
@@ -343,8 +342,7 @@ def _train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(tc.seed, "init"))
             nets = [n for p in parts if (n := p.network()) is not None]
-            model = nets[0] if nets else build_network(cfg.model, patch_size=tc.patch_size,
-                                                        presence=presence_input(cfg))
+            model = nets[0] if nets else build_run_network(cfg)
         model.to(device)
         run.model = model
         for p in parts:
