@@ -8,7 +8,7 @@ import pytest
 COMMANDS = [[], ["data"], ["data", "check"], ["data", "convert"], ["train"], ["predict"], ["synth"],
             ["evaluate"], ["demo"], ["bench"], ["bench", "speed"], ["bench", "synth"],
             ["bench", "efficiency"], ["sim2real"], ["sim2real", "fit-translator"], ["sim2real", "translate"],
-            ["sim2real", "gap"],
+            ["sim2real", "gap"], ["review"],
             ["benchmark", "speed"]]
 
 

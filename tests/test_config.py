@@ -112,7 +112,7 @@ def test_variants_are_short_diffs(name: str) -> None:
     assert len(flat_config({k: v for k, v in raw.items() if k != "base"})) <= 12
 
 
-def test_every_packaged_config_ships_in_the_wheel_and_loads_from_it(tmp_path: Path) -> None:
+def test_every_packaged_config_and_the_review_pages_ship_in_the_wheel(tmp_path: Path) -> None:
     """Build the wheel from a copy of the sources, install it into a folder, and load every packaged
     config from the installed package (not from the source tree)."""
     import shutil
@@ -134,14 +134,20 @@ def test_every_packaged_config_ships_in_the_wheel_and_loads_from_it(tmp_path: Pa
     assert res.returncode == 0, res.stderr[-2000:]
     code = ("import menseg, json; from menseg.config import load_config, packaged_config_names;"
             "names = packaged_config_names();"
-            "print(json.dumps([menseg.__file__, names, [load_config(n).name for n in names]]))")
+            "from menseg.review.site import static_root;"
+            "root = static_root();"
+            "pages = sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file());"
+            "print(json.dumps([menseg.__file__, names, [load_config(n).name for n in names], pages]))")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, **run)
     assert res.returncode == 0, res.stderr[-2000:]
-    where, names, loaded = json.loads(res.stdout)
+    where, names, loaded, pages = json.loads(res.stdout)
     assert where.startswith(str(tmp_path / "site"))
     assert names == packaged_config_names()  # every packaged config, subfolders included
     assert loaded == [n.split("/")[-1] for n in names]
+    # the review pages and the vendored viewer with its licences ship too
+    assert {"index.html", "case.html", "review.js", "review.css", "vendor/niivue.umd.js",
+            "vendor/niivue.json", "vendor/LICENSE-niivue.txt", "vendor/THIRD_PARTY_NOTICES.txt"} <= set(pages)
 
 
 def test_overrides_types_and_shorthand(tmp_path: Path):

@@ -249,6 +249,62 @@ def evaluate_cmd(
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'summary.json'}")
 
 
+@app.command("review")
+def review_cmd(
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted <case>.nii.gz labels ('menseg predict' "
+                                               "output); verdicts are saved to PRED/review.csv.")],
+    images: Annotated[Path, typer.Option("--images", help="The images the predictions were made from (any "
+                                                          "layout 'menseg predict' reads).")],
+    ref: Annotated[
+        Path | None, typer.Option("--ref", help="Reference labels (BraTS layout or flat folder): a second "
+                                                "overlay, and lesion-wise metrics unless --metrics is given.")
+    ] = None,
+    metrics: Annotated[
+        Path | None, typer.Option("--metrics", help="An evaluation folder ('menseg evaluate --out') or its "
+                                                    "metrics.csv, for the index's Dice and lesion counts.")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the pages as a static folder (open its index.html, or "
+                                                "share it) instead of serving them; verdicts are then "
+                                                "downloaded as a CSV.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder written by 'menseg "
+                                                 "review'.")] = False,
+) -> None:
+    """Look at every prediction in the browser, flag the bad ones, keep the decisions.
+
+    Serves, on 127.0.0.1 only, an index of the cases that have a prediction (worst first when a
+    reference or evaluation is given) and a NiiVue page per case: the four sequences (keys 1-4),
+    the prediction over them (r flips to the reference, o hides it), axial/coronal/sagittal/
+    multiplanar views (a/c/s/m), a jump to each lesion, and a verdict (accept / needs correction /
+    reject, with a note) saved at once to PRED/review.csv. No internet and no GPU needed.
+    """
+    from menseg.review.cases import collect_cases
+    from menseg.review.site import ReviewSite
+
+    if port < 0 or port > 65535:
+        raise MensegError(f"--port must be 0 (a free port) to 65535, got {port}")
+    cases = collect_cases(pred, images, ref, metrics)
+    if out is not None:
+        index = ReviewSite(cases, pred, mode="static").write(out, overwrite=overwrite)
+        typer.echo(f"wrote {len(cases)} case(s): open {index}")
+        return
+    from menseg.review.server import ReviewServer
+
+    server = ReviewServer(ReviewSite(cases, pred, mode="server"), port)
+    typer.echo(f"menseg review: {server.url} ({len(cases)} case(s); verdicts go to {pred / 'review.csv'}; "
+               "Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    typer.echo("menseg review: stopped")
+
+
 def _console():  # noqa: ANN202 - rich is imported lazily
     """A rich console that does not squeeze tables to 80 columns when output is piped."""
     from rich.console import Console

@@ -75,4 +75,6 @@ def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False)
     log.info("predictions: %s", pred_dir)
     log.info("evaluation:  %s (metrics.csv, summary.json); from t1c alone: %s", out / "evaluation",
              out / "evaluation-t1c")
+    log.info("look at them: menseg review %s --images %s --ref %s --metrics %s", pred_dir, test_dir, test_dir,
+             out / "evaluation")
     return summary
