@@ -162,6 +162,30 @@ def test_refuses_non_empty_out_dir_and_bad_resume(full_run, data: Path, tmp_path
         train(with_overrides(cfg, ["data.root=null", f"out_dir={tmp_path / 'x'}"]), progress=False)
 
 
+def test_run_without_validation_names_and_predicts_from_its_final_weights(data: Path, tmp_path: Path,
+                                                                           caplog) -> None:
+    """No validation case (as a zero-label run): no best.pt, the log lists only what was written, and
+    predicting from the run folder uses latest.pt."""
+    import logging
+
+    from menseg.checkpoint import run_checkpoint, run_files
+    from menseg.infer.predict import predict
+
+    cfg = _cfg(data, tmp_path / "noval", "data.val_fraction=0", "train.steps=2")
+    with caplog.at_level(logging.INFO, logger="menseg"):
+        out = train(cfg, progress=False)
+    assert not (out / "best.pt").exists()
+    assert run_files(out) == ["latest.pt", "metrics.jsonl", "config.yaml"]
+    finished = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("finished"))
+    assert "best.pt" not in finished and "latest.pt, metrics.jsonl, config.yaml" in finished
+    assert run_checkpoint(out) == out / "latest.pt"
+    written = predict(out, data / "data" / "PHANTOM-00000-000", tmp_path / "pred")
+    assert len(written) == 1 and written[0].is_file()
+    (out / "latest.pt").unlink()
+    with pytest.raises(MensegError, match="no checkpoint in this run folder"):
+        run_checkpoint(out)
+
+
 def test_split_cases_reproducible() -> None:
     ids = [f"c{i}" for i in range(10)]
     tr, va = split_cases(ids, 0.2, (), seed=0)

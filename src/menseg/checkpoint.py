@@ -126,6 +126,33 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu") -> t
         return load_checkpoint(prev, map_location), prev
 
 
+#: What a run folder may hold for prediction, in the order :func:`run_checkpoint` prefers them.
+RUN_CHECKPOINTS: tuple[str, ...] = ("best.pt", "latest.pt")
+#: The files of a run folder that the trainer lists when it finishes (those that exist).
+RUN_FILES: tuple[str, ...] = (*RUN_CHECKPOINTS, "metrics.jsonl", "config.yaml")
+
+
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint that prediction uses from a run folder: ``best.pt`` (best validation score), or,
+    for a run that validated nothing (no validation cases, e.g. trained with no labels), its final
+    weights ``latest.pt`` (logged). MensegError when the folder holds neither."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MensegError("run folder not found", run_dir)
+    best, latest = (run_dir / n for n in RUN_CHECKPOINTS)
+    if best.is_file():
+        return best
+    if latest.is_file():
+        log.info("%s has no best.pt (the run validated nothing): using its final weights, latest.pt", run_dir)
+        return latest
+    raise MensegError("no checkpoint in this run folder (best.pt or latest.pt)", run_dir)
+
+
+def run_files(run_dir: str | Path) -> list[str]:
+    """The :data:`RUN_FILES` that exist in ``run_dir`` (what a finished run wrote)."""
+    return [n for n in RUN_FILES if (Path(run_dir) / n).is_file()]
+
+
 def config_from_checkpoint(state: dict[str, Any], path: str | Path | None = None) -> Config:
     """The run's :class:`Config` stored in a checkpoint dict."""
     d = state.get("config")

@@ -162,16 +162,19 @@ def train_cmd(
             raise MensegError(f"distributed training failed (torchrun exit code {rc}; the first failing "
                               "rank's error is above)")
         return
+    from menseg.checkpoint import run_checkpoint, run_files
     from menseg.train.trainer import train
 
     run_dir = train(cfg, resume=resume)
     if run.main:
-        typer.echo(f"run folder: {run_dir} (best.pt, latest.pt, metrics.jsonl, config.yaml)")
+        typer.echo(f"run folder: {run_dir} ({', '.join(run_files(run_dir))}; "
+                   f"'menseg predict {run_dir} ...' uses {run_checkpoint(run_dir).name})")
 
 
 @app.command("predict")
 def predict_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint (best.pt) or run folder.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint, or run folder (its best.pt; latest.pt when the "
+                                               "run validated nothing).")],
     inputs: Annotated[
         list[Path],
         typer.Argument(help="A case folder, a dataset folder, or the four image files of one case."),
@@ -224,8 +227,6 @@ def predict_cmd(
     """
     from menseg.infer.predict import predict
 
-    if model.is_dir():
-        model = model / "best.pt"
     source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
     written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite,
                       overlap=overlap, precision=precision, prior=prior, gap_days=gap_days,

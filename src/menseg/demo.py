@@ -34,6 +34,7 @@ def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False)
     """
     import dataclasses
 
+    from menseg.checkpoint import run_files
     from menseg.config import load_config
     from menseg.evaluate.runner import evaluate_folders
     from menseg.infer.predict import predict
@@ -61,17 +62,17 @@ def run_demo(out: str | Path, steps: int | None = None, overwrite: bool = False)
     cfg = load_config("demo", overrides)
     run_dir = train(cfg)
     pred_dir = out / "predictions"
-    predict(run_dir / "best.pt", test_dir, pred_dir)
+    predict(run_dir, test_dir, pred_dir)
     summary = evaluate_folders(pred_dir, test_dir, out / "evaluation")
     # the same test cases from contrast-enhanced T1 alone (what a radiotherapy archive holds): the model
     # trained with sequence dropout accepts any subset
-    predict(run_dir / "best.pt", test_dir, out / "predictions-t1c", sequences=["t1c"])
+    predict(run_dir, test_dir, out / "predictions-t1c", sequences=["t1c"])
     t1c_only = evaluate_folders(out / "predictions-t1c", test_dir, out / "evaluation-t1c")
     summary["t1c_only"] = {"mean": t1c_only.get("mean", {}), "n_cases": t1c_only.get("n_cases")}
     minutes = (time.perf_counter() - t0) / 60
     log.info("demo finished in %.1f min", minutes)
     log.info("data:        %s (previews of the test cases in data/test/preview)", out / "data")
-    log.info("run:         %s (config.yaml, metrics.jsonl, best.pt, latest.pt)", run_dir)
+    log.info("run:         %s (%s)", run_dir, ", ".join(run_files(run_dir)))
     log.info("predictions: %s", pred_dir)
     log.info("evaluation:  %s (metrics.csv, summary.json); from t1c alone: %s", out / "evaluation",
              out / "evaluation-t1c")

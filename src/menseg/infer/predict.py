@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from menseg.checkpoint import load_model_and_state
+from menseg.checkpoint import load_model_and_state, run_checkpoint
 from menseg.config import Config
 from menseg.constants import MODALITIES
 from menseg.data.io import nifti_ending, write_label
@@ -220,7 +220,8 @@ def predict(
     """Predict label maps for one case or a folder of cases.
 
     Args:
-        model_path: checkpoint file (``best.pt``) or a run folder holding ``best.pt``.
+        model_path: checkpoint file, or a run folder (:func:`~menseg.checkpoint.run_checkpoint`: its
+            ``best.pt``, or ``latest.pt`` when the run validated nothing).
         input: a dataset folder (BraTS or nnU-Net layout), one BraTS case folder, a flat
             folder of nnU-Net channel files, or a list of four image files
             (see :func:`menseg.data.layouts.discover_inputs`), or a list of
@@ -263,7 +264,7 @@ def predict(
         raise MensegError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     model_path = Path(model_path)
     if model_path.is_dir():
-        model_path = model_path / "best.pt"
+        model_path = run_checkpoint(model_path)
     failed: list[tuple[str, str]] = []  # (case id or folder, one-line error)
     if isinstance(input, Sequence) and input and all(isinstance(c, CaseFiles) for c in input):
         cases = list(input)  # already discovered (e.g. a benchmark's test split)

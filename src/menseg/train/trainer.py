@@ -8,7 +8,8 @@ Run folder (``cfg.out_dir``)::
     latest.pt         every ``train.checkpoint_every`` steps and at the end (+ ``latest.pt.sha256``;
                       the one before is kept as ``latest.prev.pt``, and ``--resume`` falls back to it
                       with a warning when ``latest.pt`` is damaged)
-    best.pt           best validation mean Dice so far
+    best.pt           best validation mean Dice so far (absent when nothing is validated: no
+                      validation case, e.g. no labels; prediction then uses latest.pt)
     preprocessed/     preprocessing cache (unless ``data.cache_dir`` is set)
 
 Determinism / resume. Everything random in step ``t`` is derived from
@@ -513,9 +514,14 @@ def _train(
                                                        if "val_mean_dice" in rec else {}))
     bar.close()
     if end == tc.steps:
-        log.info("finished %d steps in %.1f s; best val mean Dice %s at step %d; run folder %s",
-                 tc.steps, elapsed, f"{best_metric:.4f}" if best_metric > -math.inf else "n/a",
-                 best_step, out)
+        from menseg.checkpoint import run_files
+
+        if best_metric > -math.inf:
+            log.info("finished %d steps in %.1f s; best val mean Dice %.4f at step %d; run folder %s (%s)",
+                     tc.steps, elapsed, best_metric, best_step, out, ", ".join(run_files(out)))
+        else:  # nothing validated: no best.pt, prediction uses the final weights
+            log.info("finished %d steps in %.1f s (no validation cases: prediction uses latest.pt); run "
+                     "folder %s (%s)", tc.steps, elapsed, out, ", ".join(run_files(out)))
     return out
 
 
