@@ -13,7 +13,7 @@ RANK = {
     "data": 1,
     "synth": 2, "evaluate": 2,
     "nets": 3, "checkpoint": 3, "ism": 3, "sim2real": 3,
-    "infer": 4,
+    "infer": 4, "review": 4,
     "train": 5,
     "bench": 6, "demo": 6,
     "cli": 7, "__main__": 7, "__init__": 0,
