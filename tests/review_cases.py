@@ -53,10 +53,11 @@ def head(shape: tuple[int, int, int], spacing: float = 1.0, seed: int = 0,
 
 def write_case(root: Path, case_id: str, shape=(48, 56, 40), spacing: float = 1.0, *, lps: bool = False,
                missing: tuple[str, ...] = (), pred_shift: int = 0, seed: int = 0,
-               rotate_deg: float = 0.0) -> None:
+               rotate_deg: float = 0.0, speck: bool = False) -> None:
     """Write ``root/images/<case>/`` (BraTS layout, reference label inside), ``root/pred/<case>.nii.gz``
     (the reference moved ``pred_shift`` voxels along x) and ``root/ref/<case>.nii.gz``. ``rotate_deg``:
-    an oblique affine, the voxel grid turned about the world z axis."""
+    an oblique affine, the voxel grid turned about the world z axis. ``speck``: a one-voxel false positive
+    in the prediction, near the centre."""
     images, label, affine = head(shape, spacing, seed)
     if rotate_deg:
         t = np.deg2rad(rotate_deg)
@@ -64,6 +65,8 @@ def write_case(root: Path, case_id: str, shape=(48, 56, 40), spacing: float = 1.
         rot[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
         affine = rot @ affine
     pred = np.roll(label, pred_shift, axis=0)
+    if speck:
+        pred[tuple(np.asarray(shape) // 2 - 3)] = 3
     if lps:
         images, aff = to_lps(images, affine)
         label, _ = to_lps(label, affine)

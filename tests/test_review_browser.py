@@ -52,7 +52,7 @@ def driver():
 @pytest.fixture(scope="module")
 def review_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = write_review_set(tmp_path_factory.mktemp("review"))
-    write_case(root, "CASE-BIG", shape=(72, 80, 64))
+    write_case(root, "CASE-BIG", shape=(72, 80, 64), speck=True)
     write_case(root, "CASE-OBLIQUE", rotate_deg=12.0)
     return root
 
@@ -186,6 +186,13 @@ def test_large_case_is_downsampled_and_says_so(driver, server: ReviewServer,
     _open_case(driver, server.url, "CASE-BIG")
     assert "downsampled 2x" in driver.find_element(By.ID, "banner").text
     assert _lesion_pixels(_canvas(driver)).sum() > 20
+    # the one-voxel speck is listed, folded under the lesion
+    lesions = driver.find_element(By.ID, "lesions")
+    assert "predicted: 2 components" in lesions.text and "1 under 50 mm³" in lesions.text
+    speck = driver.find_elements(By.CSS_SELECTOR, '#lesions ul[data-kind="prediction"] li')[1]
+    assert not speck.is_displayed()
+    lesions.find_element(By.CSS_SELECTOR, "a.more").click()
+    assert speck.is_displayed() and "0.00 mL" in speck.text
 
 
 def test_verdicts_saved_survive_reload_and_two_tabs(driver, server: ReviewServer, review_set: Path) -> None:

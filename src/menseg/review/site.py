@@ -28,6 +28,7 @@ from menseg import __version__
 from menseg.constants import MODALITIES
 from menseg.data.io import read_label
 from menseg.errors import MensegError
+from menseg.evaluate.metrics import MEN_MIN_LESION_VOLUME_MM3
 from menseg.review.cases import ReviewCase, lesions
 from menseg.review.display import data_script, geometry, image_for_display, label_for_display, volume_script
 from menseg.review.verdicts import VERDICTS, read_verdicts, verdicts_csv
@@ -93,6 +94,9 @@ class ReviewSite:
             "previous": self.order[i - 1] if i > 0 else None,
             "next": self.order[i + 1] if i + 1 < len(self.order) else None,
             "problem": case.problem, "geometry": None, "lesions": {"prediction": [], "reference": []},
+            # components this small are folded in the lists (the lesion-wise metrics ignore reference
+            # lesions of this volume or less)
+            "small_ml": MEN_MIN_LESION_VOLUME_MM3 / 1000.0,
         }
         if case.problem is None:
             payload["geometry"] = geometry(case.prediction).as_dict()

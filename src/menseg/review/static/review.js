@@ -286,11 +286,20 @@ window.menseg = (function () {
     for (const [key, title] of [["prediction", "predicted"], ["reference", "reference"]]) {
       const items = meta.lesions[key];
       if (key === "reference" && !meta.row.has_reference) continue;
-      box.append(el("div", {}, title + ": " + items.length + " lesion" + (items.length === 1 ? "" : "s")));
-      box.append(el("ul", { "data-kind": key }, ...items.map((l, i) => el("li", {},
+      box.append(el("div", {}, title + ": " + items.length + " component" + (items.length === 1 ? "" : "s")));
+      const item = (l, i) => el("li", { class: l.volume_ml <= meta.small_ml ? "small" : "" },
         el("a", { title: "jump to " + l.mm.map((v) => v.toFixed(1)).join(", ") + " mm",
-                  onclick: () => { if (key === "reference") state.setOverlay("ref"); else state.setOverlay("pred"); state.jump(l.mm); } },
-           "#" + (i + 1) + " " + l.volume_ml.toFixed(2) + " mL"), " " + l.labels.join("/")))));
+                  onclick: () => { state.setOverlay(key === "reference" ? "ref" : "pred"); state.jump(l.mm); } },
+           "#" + (i + 1) + " " + l.volume_ml.toFixed(2) + " mL"), " " + l.labels.join("/"));
+      const list = el("ul", { "data-kind": key }, ...items.map(item));
+      box.append(list);
+      const small = items.filter((l) => l.volume_ml <= meta.small_ml).length;
+      if (small) { // fold specks: the lesion-wise metrics ignore reference lesions this small
+        list.classList.add("fold");
+        const more = el("a", { class: "more", onclick: () => { list.classList.toggle("fold"); } },
+          small + " under " + (meta.small_ml * 1000).toFixed(0) + " mm³ (show / hide)");
+        box.append(el("div", {}, more));
+      }
     }
   }
 
