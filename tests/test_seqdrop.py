@@ -69,6 +69,58 @@ def test_the_draw_replays_never_empties_a_sample_and_follows_the_global_index() 
     assert none is img
 
 
+def test_archive_subsets_late_start_and_unseen_regions() -> None:
+    """The schedule options: a dropping sample keeps one of seqdrop.subsets; nothing is dropped before
+    seqdrop.start_fraction of the steps; with mask_unseen a sample without t1c supervises WT only."""
+    img = torch.randn(4, 4, 8, 8, 8)
+    lab = torch.zeros(4, 8, 8, 8)
+    part = _part(p_drop=1.0, subsets="[t1c,t2f,t1n+t2f+t2w]", mask_unseen="true")
+    allowed = {(True, False, False, False), (False, False, True, False), (False, True, True, True)}
+    seen = set()
+    for step in range(30):
+        out, _ = part.mix_batch(step, img, lab, torch.zeros(4))
+        kept = present_channels(out)
+        seen |= {tuple(bool(v) for v in row) for row in kept}
+        regions = part.supervised_regions(lab)
+        assert torch.equal(regions[:, 0], kept[:, 0]) and torch.equal(regions[:, 1], kept[:, 0])
+        assert bool(regions[:, 2].all())  # WT always supervised
+        twin = _part(p_drop=1.0, subsets="[t1c,t2f,t1n+t2f+t2w]")
+        again, _ = twin.mix_batch(step, img, lab, torch.zeros(4))
+        torch.testing.assert_close(again, out)  # replayable
+    assert seen == allowed  # only those subsets, each drawn
+    late = _part(p_drop=1.0, start_fraction=0.5)
+    steps = late.cfg.train.steps
+    before, _ = late.mix_batch(steps // 2 - 1, img, lab, torch.zeros(4))
+    assert before is img
+    after, _ = late.mix_batch(steps // 2, img, lab, torch.zeros(4))
+    assert not present_channels(after).all()
+    assert _part(p_drop=1.0).supervised_regions(lab) is None  # off by default: every region counts
+    for bad, why in (("[t1c,flair]", "seqdrop.subsets"), ("[' ']", "seqdrop.subsets")):
+        with pytest.raises(MensegError, match=why):
+            load_config("baseline", [f"seqdrop.subsets={bad}"])
+    with pytest.raises(MensegError, match="seqdrop.start_fraction"):
+        load_config("baseline", ["seqdrop.start_fraction=1.0"])
+
+
+def test_region_mask_leaves_unseen_regions_out_of_the_loss() -> None:
+    """A region a sample does not supervise gets no gradient and does not change the loss."""
+    from menseg.train.losses import RegionDiceBCELoss
+
+    loss = RegionDiceBCELoss()
+    lab = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    lab[:, 2:6, 2:6, 2:6] = 3
+    logits = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+    regions = torch.tensor([[False, False, True], [True, True, True]])
+    loss(logits, lab, None, regions).backward()
+    assert float(logits.grad[0, :2].abs().sum()) == 0.0 and float(logits.grad[0, 2].abs().sum()) > 0
+    assert float(logits.grad[1].abs().sum()) > 0
+    moved = logits.detach().clone()
+    moved[0, :2] += 5.0  # sample 0's ET / TC outputs do not count
+    torch.testing.assert_close(loss(moved, lab, None, regions), loss(logits.detach(), lab, None, regions))
+    everything = torch.ones(2, 3, dtype=torch.bool)  # all regions: the unmasked loss
+    torch.testing.assert_close(loss(logits.detach(), lab, None, everything), loss(logits.detach(), lab))
+
+
 def test_visit_pairs_lose_the_same_sequences_in_both_visits() -> None:
     img = torch.randn(4, 8, 8, 8, 8)
     out, _ = _part(p_drop=1.0).mix_batch(0, img, torch.zeros(4, 8, 8, 8), torch.zeros(4))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from menseg.constants import MODALITIES
 from menseg.errors import MensegError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -479,12 +481,38 @@ class SeqDropConfig:
     p_drop: float = 0.3
     #: at most this many sequences dropped from one sample (at least one always stays)
     max_drop: int = 3
+    #: the subsets a dropping sample may keep, drawn uniformly (e.g. ``[t1c, t2f, t1n+t2f+t2w]``: the
+    #: subsets archives hold); empty: a random subset of at least ``4 - max_drop`` sequences
+    subsets: tuple[str, ...] = ()
+    #: fraction of the training steps before dropout starts (0: from the first step)
+    start_fraction: float = 0.0
+    #: leave ET and TC out of the loss of a sample that has no t1c (enhancement cannot be seen
+    #: without contrast: supervising it teaches the network to guess it on every scan)
+    mask_unseen: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_drop <= 1.0:
             raise MensegError(f"seqdrop.p_drop must be in [0, 1], got {self.p_drop}")
         if self.max_drop < 0:
             raise MensegError(f"seqdrop.max_drop must be at least 0, got {self.max_drop}")
+        if not 0.0 <= self.start_fraction < 1.0:
+            raise MensegError(f"seqdrop.start_fraction must be in [0, 1), got {self.start_fraction}")
+        for s in self.subsets:
+            subset_mask(s)  # a one-line error for an empty or unknown subset
+
+    def subset_masks(self) -> list[tuple[bool, ...]]:
+        """:attr:`subsets` as presence tuples in MODALITIES order."""
+        return [subset_mask(s) for s in self.subsets]
+
+
+def subset_mask(subset: str) -> tuple[bool, ...]:
+    """``"t1n+t2f"`` (``+``, ``,`` or spaces between names) -> presence in MODALITIES order."""
+    names = [n for n in re.split(r"[+,\s]+", str(subset).strip().lower()) if n]
+    unknown = [n for n in names if n not in MODALITIES]
+    if not names or unknown:
+        raise MensegError(f"seqdrop.subsets: {subset!r} is not a non-empty set of {', '.join(MODALITIES)} "
+                          "(join names with '+', e.g. t1n+t2f)")
+    return tuple(m in names for m in MODALITIES)
 
 
 @dataclass(frozen=True)

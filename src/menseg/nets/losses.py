@@ -31,7 +31,8 @@ def soft_dice_loss(
     With ``batch_dice`` the batch is pooled into one volume per channel
     (nnU-Net's batch Dice), otherwise Dice is averaged over samples too.
     A channel empty in both prediction and target scores Dice 1. ``mask`` ``(B, 1, ...)`` in {0, 1}
-    leaves voxels of unknown class out (prediction and target both count 0 there). ``pool`` (batch Dice
+    leaves voxels of unknown class out (prediction and target both count 0 there); ``(B, C, ...)``
+    (or broadcastable to it) does so per channel. ``pool`` (batch Dice
     only) maps the batch's sums to the sums of the global batch (e.g.
     :func:`menseg.train.distributed.sum_across_ranks` under DDP).
     """
@@ -76,6 +77,8 @@ class RegionDiceBCELoss(nn.Module):
     - ``mask`` (optional): ``(B, X, Y, Z)`` bool, False where the class is unknown (e.g. an
       unlabelled scan outside its injected lesion); those voxels add nothing to Dice or BCE.
       Lower-resolution outputs see it nearest-downsampled.
+    - ``regions`` (optional): ``(B, 3)`` bool, False for a region a sample does not supervise (e.g.
+      ET and TC of a sample trained without its contrast-enhanced T1); combined with ``mask``.
 
     Returns the weighted scalar loss (fp32); the k-th output's weight is
     ``2^-k`` normalised to sum 1.
@@ -93,21 +96,23 @@ class RegionDiceBCELoss(nn.Module):
 
     def single(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """Loss of one output ``(B, 3, ...)`` against region targets of the same shape
-        (``mask`` ``(B, 1, ...)`` float in {0, 1}: voxels that count)."""
+        (``mask`` ``(B, 1, ...)`` or per region ``(B, 3, ...)``, float in {0, 1}: voxels that count)."""
         logits = logits.float()
         pool = self._pool
         if mask is None:  # a mean over samples: DDP's average of the ranks' means is the global mean
             bce = F.binary_cross_entropy_with_logits(logits, target)
         else:
             per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            num_den = torch.stack([(per * mask).sum(), mask.sum() * logits.shape[1]])
+            counted = mask.sum() * logits.shape[1] if mask.shape[1] == 1 else mask.expand_as(per).sum()
+            num_den = torch.stack([(per * mask).sum(), counted])
             num, den = (pool(num_den) if pool is not None else num_den).unbind(0)
             bce = num / den.clamp_min(1.0)
         dice = soft_dice_loss(logits, target, self.batch_dice, mask=mask, pool=pool)
         return self.dice_weight * dice + self.bce_weight * bce
 
     def forward(
-        self, outputs: Tensor | Sequence[Tensor], label: Tensor, mask: Tensor | None = None
+        self, outputs: Tensor | Sequence[Tensor], label: Tensor, mask: Tensor | None = None,
+        regions: Tensor | None = None,
     ) -> Tensor:
         soft = label.is_floating_point()
         if soft and (label.ndim != 5 or label.shape[1] != len(REGION_NAMES)):
@@ -132,7 +137,11 @@ class RegionDiceBCELoss(nn.Module):
                     cache[size] = label if same else F.adaptive_avg_pool3d(label, size)
                 else:
                     cache[size] = labels_to_regions(_downsample_label(label, size))
-            total = total + w * self.single(out, cache[size], masks.get(size))
+            m = masks.get(size)
+            if regions is not None:
+                per_region = regions.float().reshape(*regions.shape, *([1] * len(size)))
+                m = per_region if m is None else m * per_region
+            total = total + w * self.single(out, cache[size], m)
         return total
 
 

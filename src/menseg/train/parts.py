@@ -18,6 +18,7 @@ implements only what it changes:
 - ``bind``: the network as trained (after DDP's SyncBatchNorm conversion);
 - ``mix_batch``: the augmented batch changed in image space (copy-paste), labels with it;
 - ``label_mask``: labels whose class is unknown, left out of the loss;
+- ``supervised_regions``: regions a sample does not supervise (e.g. ET without t1c), left out of the loss;
 - ``batch_stats``: statistics of the step's batch (before the forward);
 - ``forward``: the step's forward, ``(outputs, targets, stats)``; at most one part owns it;
 - ``extra_loss``: a loss term added to the segmentation loss, with its statistics;
@@ -160,6 +161,11 @@ class Part:
     def label_mask(self, lab: Tensor, always: bool) -> tuple[Tensor, Tensor | None]:
         """``(labels, known voxels or None)``; ``always``: return a mask even when all are known (DDP)."""
         return lab, None
+
+    def supervised_regions(self, lab: Tensor) -> Tensor | None:
+        """``(B, 3)`` bool: the regions (ET, TC, WT) each sample of the step supervises, or None (all).
+        A part that may return a mask on some step returns one on every step (DDP: one loss path)."""
+        return None
 
     def batch_stats(self, meta: Tensor) -> dict[str, float]:
         """Statistics of the step's batch (``meta``: its per-sample metadata)."""

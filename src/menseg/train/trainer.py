@@ -453,6 +453,11 @@ def _train(
                 lab, mask = p.label_mask(lab, ctx.enabled)
                 if mask is not None:
                     known = mask if known is None else known & mask
+            regions = None
+            for p in parts:
+                r = p.supervised_regions(lab)
+                if r is not None:
+                    regions = r if regions is None else regions & r
             lr = poly_lr(tc.lr, step, tc.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -465,7 +470,7 @@ def _train(
             with autocast:
                 outputs, target, extra_loss, step_stats = forward(step, img, lab, meta)
             stats.update(step_stats)
-            loss = loss_fn(outputs, target, known)
+            loss = loss_fn(outputs, target, known, regions)
             if extra_loss is not None:
                 loss = loss + extra_loss
             if scaler is not None:
