@@ -297,9 +297,9 @@ def test_bf16_autocast_keeps_mixed_targets_in_fp32(data: Path, longitudinal: Pat
     seen: list[torch.dtype] = []
     forward = losses.RegionDiceBCELoss.forward
 
-    def spy(self, outputs, target, mask=None):  # type: ignore[no-untyped-def]
+    def spy(self, outputs, target, mask=None, regions=None):  # type: ignore[no-untyped-def]
         seen.append(target.dtype)
-        return forward(self, outputs, target, mask)
+        return forward(self, outputs, target, mask, regions)
 
     monkeypatch.setattr(losses.RegionDiceBCELoss, "forward", spy)
     train(_cfg(data, tmp_path / "spatial", "train.amp_dtype=bf16", steps=2), progress=False)
