@@ -500,10 +500,6 @@ class SeqDropConfig:
         for s in self.subsets:
             subset_mask(s)  # a one-line error for an empty or unknown subset
 
-    def subset_masks(self) -> list[tuple[bool, ...]]:
-        """:attr:`subsets` as presence tuples in MODALITIES order."""
-        return [subset_mask(s) for s in self.subsets]
-
 
 def subset_mask(subset: str) -> tuple[bool, ...]:
     """``"t1n+t2f"`` (``+``, ``,`` or spaces between names) -> presence in MODALITIES order."""

@@ -103,6 +103,8 @@ class RegionDiceBCELoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits, target)
         else:
             per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            # a voxel mask counts each voxel once per channel (as always, so weights replay bit for bit);
+            # a per-region mask counts each channel's own voxels
             counted = mask.sum() * logits.shape[1] if mask.shape[1] == 1 else mask.expand_as(per).sum()
             num_den = torch.stack([(per * mask).sum(), counted])
             num, den = (pool(num_den) if pool is not None else num_den).unbind(0)

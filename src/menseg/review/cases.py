@@ -23,6 +23,7 @@ from tqdm import tqdm
 from menseg.constants import LABEL_NAMES, MODALITIES, REGION_NAMES
 from menseg.data.io import load_nifti, read_label
 from menseg.data.layouts import CaseFiles, discover_inputs
+from menseg.data.validate import spacing_of
 from menseg.errors import MensegError
 from menseg.evaluate.metrics import evaluate_case
 from menseg.evaluate.runner import AFFINE_ATOL, find_predictions, find_reference_labels
@@ -102,9 +103,14 @@ def geometry_problem(label: Path, others: dict[str, Path]) -> str | None:
     return None
 
 
+def _voxel_ml(affine: np.ndarray) -> float:
+    """One voxel's volume in millilitres (|det| of the affine: right for oblique grids too)."""
+    return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+
+
 def label_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     """Volume (mL) of each region (ET, TC, WT) and label (NETC, SNFH) of a label map."""
-    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    voxel_ml = _voxel_ml(affine)
     out = {r: float(m.sum()) * voxel_ml for r, m in region_masks(label).items()}
     for value in (1, 2):
         out[LABEL_NAMES[value]] = float((label == value).sum()) * voxel_ml
@@ -129,7 +135,7 @@ def lesions(label: np.ndarray, affine: np.ndarray, limit: int = 50) -> list[dict
     label = label[tuple(box)]
     comps, n = ndimage.label(wt[tuple(box)], structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(comps.ravel())[1:]
-    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    voxel_ml = _voxel_ml(affine)
     order = np.argsort(-sizes, kind="stable")[:limit]
     out = []
     objects = ndimage.find_objects(comps)
@@ -221,8 +227,7 @@ def collect_cases(
         case.volumes_ml = label_volumes_ml(label, affine)
         if case.problem is None and case.reference is not None and case.metrics is None:
             ref_label, _ = read_label(case.reference)
-            spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-            case.metrics = evaluate_case(label, ref_label, spacing)
+            case.metrics = evaluate_case(label, ref_label, spacing_of(affine))
     missing = sorted(set(preds) - set(found))
     if missing:
         log.warning("%d predicted case(s) without images: %s", len(missing), ", ".join(missing[:5]))

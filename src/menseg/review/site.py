@@ -75,14 +75,18 @@ class ReviewSite:
         return payload
 
     def case_payload(self, case_id: str) -> dict[str, Any]:
-        """The case page's data (computed once per case: lesions of a 512^3 label take a second)."""
-        with self._locks[case_id]:
-            if case_id not in self._payloads:
-                self._payloads[case_id] = self._case_payload(case_id)
-        payload = dict(self._payloads[case_id])
+        """The case page's data, with the case's saved verdict in a static folder."""
+        payload = dict(self._cached_payload(case_id))
         if self.mode == "static":  # the server's pages ask /api/verdicts instead
             payload["verdicts"] = {k: v for k, v in read_verdicts(self.pred_dir).items() if k == case_id}
         return payload
+
+    def _cached_payload(self, case_id: str) -> dict[str, Any]:
+        """:meth:`_case_payload`, computed once per case (lesions of a 512^3 label take a second)."""
+        with self._locks[case_id]:
+            if case_id not in self._payloads:
+                self._payloads[case_id] = self._case_payload(case_id)
+            return self._payloads[case_id]
 
     def _case_payload(self, case_id: str) -> dict[str, Any]:
         case = self.cases[case_id]
@@ -110,6 +114,7 @@ class ReviewSite:
         case = self.cases[case_id]
         if case.problem is not None:
             raise MensegError(f"case {case_id} is not displayed: {case.problem}")
+        factor = self._cached_payload(case_id)["geometry"]["factor"]  # the header is read once per case
         with self._locks[case_id]:
             with self._cache_lock:
                 held = self._cache.get(case_id)
@@ -117,7 +122,6 @@ class ReviewSite:
                     self._cache.move_to_end(case_id)
                     if name in held:
                         return held[name]
-            factor = geometry(case.prediction).factor
             if name in MODALITIES:
                 if name not in case.images:
                     raise MensegError(f"case {case_id} has no {name} sequence")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from menseg.config import Config, presence_input
+from menseg.config import Config, presence_input, subset_mask
 from menseg.constants import MODALITIES
 from menseg.ism.modal import mask_absent, sample_presence
 from menseg.nets import present_channels
@@ -61,7 +61,7 @@ class SeqDropPart(Part):
             return sample_presence(gen, 1, sd)[0]
         drop = bool(torch.rand(1, generator=gen)[0] < sd.p_drop)
         pick = int(torch.randint(len(sd.subsets), (1,), generator=gen)[0])
-        return torch.tensor(sd.subset_masks()[pick] if drop else (True,) * N_MOD)
+        return torch.tensor(subset_mask(sd.subsets[pick]) if drop else (True,) * N_MOD)
 
     def mix_batch(self, step: int, img: Tensor, lab: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
         if img.shape[1] % N_MOD:

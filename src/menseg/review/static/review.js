@@ -186,7 +186,7 @@ window.menseg = (function () {
     }
     document.title = caseId + " · menseg review";
     $("title").textContent = caseId;
-    for (const [id, key, other] of [["prev", "p", meta.previous], ["next", "n", meta.next]]) {
+    for (const [id, other] of [["prev", meta.previous], ["next", meta.next]]) {
       if (other) { $(id).hidden = false; $(id).href = caseUrl(other); }
     }
     setupVerdicts(meta, caseId);
