@@ -12,7 +12,7 @@ RANK = {
     "filters": 0, "draws": 0, "kmeans": 0,
     "data": 1,
     "synth": 2, "evaluate": 2,
-    "nets": 3, "checkpoint": 3, "ism": 3, "sim2real": 3,
+    "nets": 3, "checkpoint": 3, "models": 3, "ism": 3, "sim2real": 3,
     "infer": 4, "review": 4,
     "train": 5,
     "bench": 6, "demo": 6,

@@ -27,7 +27,10 @@ data_app = typer.Typer(help="Check and convert datasets (BraTS-MEN and nnU-Net v
 bench_app = typer.Typer(help="Measured benchmarks.", no_args_is_help=True)
 sim2real_app = typer.Typer(help="Sim2Real: carry synthetic meningiomas over to your scanner's appearance.",
                            no_args_is_help=True)
+models_app = typer.Typer(help="Named models: the shipped ones and folders of exported ones "
+                              "(MENSEG_MODELS_DIR).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
 app.add_typer(sim2real_app, name="sim2real")
 app.add_typer(bench_app, name="bench")
 app.add_typer(bench_app, name="benchmark", hidden=True)  # the name used before 0.2
@@ -173,13 +176,19 @@ def train_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint, or run folder (its best.pt; latest.pt when the "
-                                               "run validated nothing).")],
-    inputs: Annotated[
+    args: Annotated[
         list[Path],
-        typer.Argument(help="A case folder, a dataset folder, or the four image files of one case."),
+        typer.Argument(metavar="[MODEL] INPUT... OUTPUT",
+                       help="MODEL: a checkpoint, a run folder (its best.pt; latest.pt when the run "
+                            "validated nothing) or a model name (menseg models list); left out, the shipped "
+                            "model. "
+                            "INPUT: a case folder, a dataset folder, or the four image files of one case. "
+                            "OUTPUT: a folder (or a .nii.gz path for one case)."),
     ],
-    output: Annotated[Path, typer.Argument(help="Output folder (or a .nii.gz path for one case).")],
+    model_opt: Annotated[
+        str | None, typer.Option("--model", help="The model (name, checkpoint or run folder), instead of the "
+                                                 "first argument.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mirror: Annotated[
         bool | None,
@@ -220,13 +229,21 @@ def predict_cmd(
 ) -> None:
     """Predict BraTS-MEN labels, written in each input's own space (shape, affine, orientation).
 
-    A case may lack some of the four sequences if the model was trained with modal fusion
-    (ism.modal): it is then segmented from those present, and the log says which were used.
+    menseg predict [MODEL] INPUT... OUTPUT. Without MODEL (or --model) the shipped model is used and
+    the log says so. A case may lack some of the four sequences if the model was trained with sequence
+    dropout or modal fusion: it is then segmented from those present, and the log says which were used.
     Beside each label, <case>.json records the model, the sequences used and missing, the
     post-processing and the menseg version. Cases already predicted are skipped (--overwrite).
     """
     from menseg.infer.predict import predict
+    from menseg.models import looks_like_model
 
+    if len(args) < 2:
+        raise MensegError("give at least an INPUT and an OUTPUT: menseg predict [MODEL] INPUT... OUTPUT")
+    *inputs, output = args
+    model: str | Path | None = model_opt
+    if model is None and len(inputs) >= 2 and looks_like_model(inputs[0]):
+        model, inputs = inputs[0], inputs[1:]
     source: Path | list[Path] = inputs[0] if len(inputs) == 1 else list(inputs)
     written = predict(model, source, output, device=device, mirror=mirror, overwrite=overwrite,
                       overlap=overlap, precision=precision, prior=prior, gap_days=gap_days,
@@ -234,6 +251,56 @@ def predict_cmd(
                       sequences=sequences.split(",") if sequences is not None else None)
     for p in written:
         typer.echo(str(p))
+
+
+@models_app.command("list")
+def models_list_cmd() -> None:
+    """Every named model: the shipped ones, then those in the folders of MENSEG_MODELS_DIR."""
+    from menseg.models import MODELS_ENV, list_models
+
+    entries = list_models()
+    if not entries:
+        typer.echo(f"no models: this menseg ships none yet, and {MODELS_ENV} names no folder with any")
+        return
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        where = "shipped" if e.shipped else str(e.weights.parent)
+        flag = " (default)" if e.default and e.shipped else ""
+        typer.echo(f"{e.name:<{width}}  {e.bytes / 1e6:5.1f} MB  {where}{flag}  {e.summary}")
+    typer.echo("model cards: menseg models show NAME")
+
+
+@models_app.command("show")
+def models_show_cmd(name: Annotated[str, typer.Argument(help="A model name (menseg models list).")]) -> None:
+    """Print a model's card (training data and recipe, measured figures, licence, intended use) and check
+    its weights against its checksum."""
+    from menseg.models import find_model
+
+    entry = find_model(name)
+    typer.echo(entry.card.read_text() if entry.card.is_file() else f"{name}: no model card ({entry.card})")
+    typer.echo(f"weights: {entry.weights} ({entry.bytes / 1e6:.1f} MB, sha256 {entry.sha256[:12]}…, checked)")
+
+
+@models_app.command("export")
+def models_export_cmd(
+    source: Annotated[str, typer.Argument(help="A run folder, a checkpoint or a model name.")],
+    name: Annotated[str, typer.Argument(help="The model's name (letters, digits, '-', '_', '.').")],
+    out: Annotated[Path, typer.Option(help="Folder receiving NAME.pt, NAME.json and NAME.md (add it to "
+                                           "MENSEG_MODELS_DIR to use the name).")] = Path("models"),
+    summary: Annotated[str, typer.Option(help="One line saying what the model is for.")] = "",
+    card: Annotated[Path | None, typer.Option(help="A Markdown model card to ship with it (default: a short "
+                                                   "card written from the run, to complete).")] = None,
+    half: Annotated[bool, typer.Option(help="Store the weights in fp16 (half the size).")] = False,
+    default: Annotated[bool, typer.Option(help="Mark it as the default model of its folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model of that name in OUT.")] = False,
+) -> None:
+    """Export a trained run as a named model: weights only (no optimiser state), with a checksum and a card,
+    to share or to fine-tune from (model.init=NAME)."""
+    from menseg.models import export_model
+
+    entry = export_model(source, name, out, summary=summary, card=card, default=default, half=half,
+                         overwrite=overwrite)
+    typer.echo(f"{entry.name}: {entry.weights} ({entry.bytes / 1e6:.1f} MB), card {entry.card}")
 
 
 @app.command("evaluate")

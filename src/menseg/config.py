@@ -50,6 +50,10 @@ class ModelConfig:
     deep_supr_num: int = 2  #: extra low-resolution heads used by the loss
     norm: str = "instance"
     dropout: float = 0.0
+    #: start from these weights instead of random ones (fine-tuning): a shipped model's name
+    #: (``menseg models list``), a checkpoint file or a run folder. The network must match, layer for
+    #: layer (an ISM network may start from a plain one: its ISM modules then start from scratch).
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ class TrainConfig:
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (96, 96, 96)  #: voxels
     lr: float = 1e-2  #: SGD + Nesterov, poly decay as nnU-Net
+    #: the learning rate rises linearly from lr / warmup_steps to lr over these first steps, then decays
+    #: (poly) as without warm-up (fine-tuning from ``model.init``)
+    warmup_steps: int = 0
+    #: the encoder (first block, downsampling stages, bottleneck; ISM's modal stem) is not updated in
+    #: these first steps, so a fine-tuned decoder settles before the pretrained features move
+    freeze_encoder_steps: int = 0
     momentum: float = 0.99
     weight_decay: float = 3e-5
     fg_oversample: float = 0.33  #: share of patches centred on foreground
@@ -111,6 +121,8 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or self.freeze_encoder_steps < 0:
+            raise MensegError("train.warmup_steps and train.freeze_encoder_steps must be at least 0")
         for key, allowed in (("amp_dtype", AMP_DTYPES), ("compile", COMPILE_MODES)):
             value = getattr(self, key)
             if value not in allowed:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from menseg.checkpoint import load_model_and_state, run_checkpoint
+from menseg.checkpoint import load_model_and_state
 from menseg.config import Config
 from menseg.constants import MODALITIES
 from menseg.data.io import nifti_ending, write_label
@@ -46,6 +46,7 @@ from menseg.data.validate import orientation_of, spacing_of
 from menseg.errors import MensegError
 from menseg.infer.postprocess import apply_learned, regions_to_labels, remove_small_components
 from menseg.infer.sliding import PRECISIONS, predict_probs, resolve_device, resolve_precision
+from menseg.models import resolve_model
 from menseg.utils import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,13 @@ def sidecar_path(label_path: str | Path) -> Path:
     return label_path.with_name(label_path.name[: len(label_path.name) - len(ending)] + ".json")
 
 
-def _sidecar(model_path: Path, case: CaseFiles, rules: Any, cfg: Config, ignored: Sequence[str] = ()
+def _sidecar(model_ref: str, case: CaseFiles, rules: Any, cfg: Config, ignored: Sequence[str] = ()
              ) -> dict[str, Any]:
     """What a label was predicted from (written beside it)."""
     from menseg import __version__
 
     return {
-        "model": str(model_path),
+        "model": model_ref,
         "sequences_used": list(case.present),
         "sequences_missing": [m for m in case.missing if m not in ignored],
         "sequences_ignored": list(ignored),
@@ -200,7 +201,7 @@ def postprocess_label(label: np.ndarray, affine: np.ndarray, cfg: Config,
 
 
 def predict(
-    model_path: str | Path,
+    model_path: str | Path | None,
     input: InputSpec,
     output: str | Path,
     device: str = "auto",
@@ -220,8 +221,9 @@ def predict(
     """Predict label maps for one case or a folder of cases.
 
     Args:
-        model_path: checkpoint file, or a run folder (:func:`~menseg.checkpoint.run_checkpoint`: its
-            ``best.pt``, or ``latest.pt`` when the run validated nothing).
+        model_path: checkpoint file, a run folder (:func:`~menseg.checkpoint.run_checkpoint`: its
+            ``best.pt``, or ``latest.pt`` when the run validated nothing), a model name
+            (:func:`menseg.models.resolve_model`, checksum checked), or None for the shipped model.
         input: a dataset folder (BraTS or nnU-Net layout), one BraTS case folder, a flat
             folder of nnU-Net channel files, or a list of four image files
             (see :func:`menseg.data.layouts.discover_inputs`), or a list of
@@ -262,9 +264,7 @@ def predict(
         raise MensegError(f"overlap must be in [0, 1), got {overlap}")
     if precision is not None and precision not in PRECISIONS:
         raise MensegError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        model_path = run_checkpoint(model_path)
+    model_path, model_label = resolve_model(model_path)
     failed: list[tuple[str, str]] = []  # (case id or folder, one-line error)
     if isinstance(input, Sequence) and input and all(isinstance(c, CaseFiles) for c in input):
         cases = list(input)  # already discovered (e.g. a benchmark's test split)
@@ -304,7 +304,7 @@ def predict(
     use_mirror = cfg.infer.mirror if mirror is None else mirror
     log.info(
         "predicting %d case(s) with %s on %s (spacing %s mm, patch %s, mirror %s, %s, %s)",
-        len(cases), model_path, dev, tuple(cfg.data.spacing), tuple(cfg.train.patch_size),
+        len(cases), model_label, dev, tuple(cfg.data.spacing), tuple(cfg.train.patch_size),
         use_mirror, resolve_precision(dev, cfg.infer.precision),
         "learned post-processing" if rules else f"components < {cfg.infer.min_component_mm3:g} mm3 removed",
     )
@@ -319,7 +319,7 @@ def predict(
             continue
         try:
             label, affine = _predict_one(model, cfg, case, out, dev, use_mirror, prior_case, gap_days,
-                                         rules, fixed_output, model_path, ignored.get(case.case_id, []))
+                                         rules, fixed_output, model_label, ignored.get(case.case_id, []))
         except Exception as e:  # noqa: BLE001 - with keep_going any failure of one case is recorded
             if not keep_going:
                 raise
@@ -346,7 +346,7 @@ def predict(
 
 def _predict_one(model: torch.nn.Module, cfg: Config, case: CaseFiles, out: Path, dev: torch.device,
                  mirror: bool, prior: CaseFiles | None, gap_days: float | None, rules: Any,
-                 fixed_output: str | Path | None, model_path: Path, ignored: Sequence[str] = ()
+                 fixed_output: str | Path | None, model_ref: str, ignored: Sequence[str] = ()
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Predict, post-process and write one case's label and sidecar."""
     if case.missing:
@@ -361,7 +361,7 @@ def _predict_one(model: torch.nn.Module, cfg: Config, case: CaseFiles, out: Path
         write_label(fixed, postprocess_label(label, affine, cfg, None), affine, like=like)
     label = postprocess_label(label, affine, cfg, rules)
     write_label(out, label, affine, like=like)
-    write_json_atomic(sidecar_path(out), _sidecar(model_path, case, rules, cfg, ignored))
+    write_json_atomic(sidecar_path(out), _sidecar(model_ref, case, rules, cfg, ignored))
     return label, affine
 
 

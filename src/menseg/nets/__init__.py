@@ -103,6 +103,24 @@ def accepts_subsets(model: nn.Module) -> bool:
     return getattr(model, "stem", None) is not None  # ISMNet with modal fusion
 
 
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s encoder: a DynUNet's first block (with its presence stem), downsampling
+    stages and bottleneck; for an ISM network, those of its backbone plus its modal-fusion stem (what reads
+    the images). ``train.freeze_encoder_steps`` holds these still."""
+    net = getattr(model, "net", model)
+    parts = [getattr(net, n) for n in ("input_block", "downsamples", "bottleneck")]
+    stem = getattr(model, "stem", None) if net is not model else None
+    if stem is not None:
+        parts.append(stem)
+    if not all(isinstance(p, nn.Module) for p in parts):
+        raise MensegError(f"cannot find the encoder of {type(net).__name__} (expected a DynUNet)")
+    seen: dict[int, nn.Parameter] = {}
+    for part in parts:
+        for q in part.parameters():
+            seen.setdefault(id(q), q)
+    return list(seen.values())
+
+
 def build_network(
     cfg: ModelConfig,
     in_channels: int = 4,
@@ -165,4 +183,5 @@ def build_run_network(cfg: Config) -> nn.Module:
 
 
 __all__ = ["MIN_FEATURE_SIZE", "PresenceStem", "accepts_subsets", "build_network", "build_run_network",
+           "encoder_parameters",
            "n_deep_heads", "plan_strides", "present_channels", "required_divisor"]

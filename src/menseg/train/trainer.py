@@ -69,6 +69,14 @@ def poly_lr(base_lr: float, step: int, total: int, exponent: float = POLY_EXPONE
     return base_lr * (1.0 - min(step, total) / max(total, 1)) ** exponent
 
 
+def lr_at(tc: Any, step: int) -> float:
+    """Learning rate of (0-based) ``step`` under ``train``: linear warm-up over ``warmup_steps`` (from
+    ``lr / warmup_steps``), then the poly decay of the whole run (as without warm-up)."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    return poly_lr(tc.lr, step, tc.steps)
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -196,6 +204,13 @@ def validate(
 
 
 # ---------------------------------------------------------------- train
+
+def _drop_grads(params: Sequence[nn.Parameter]) -> None:
+    """Leave ``params`` out of this step's update: SGD skips a parameter without a gradient (its momentum
+    and weight decay included), and the clipping norm is then that of the parameters that move."""
+    for q in params:
+        q.grad = None
+
 
 def _reduce_stats(loss: torch.Tensor, stats: dict[str, float], world: int, device: torch.device,
                   counts: frozenset[str]) -> tuple[float, dict[str, float]]:
@@ -344,6 +359,10 @@ def _train(
             torch.manual_seed(derive_seed(tc.seed, "init"))
             nets = [n for p in parts if (n := p.network()) is not None]
             model = nets[0] if nets else build_run_network(cfg)
+        if cfg.model.init and state is None:  # a resumed run has its own weights
+            from menseg.models import init_weights
+
+            init_weights(model, cfg.model.init)
         model.to(device)
         run.model = model
         for p in parts:
@@ -355,6 +374,13 @@ def _train(
         p.bind(model)
     prepare_network(model, cfg)
     params = list(model.parameters()) + [q for m in extra.values() for q in m.parameters()]
+    frozen: list[nn.Parameter] = []
+    if tc.freeze_encoder_steps:
+        from menseg.nets import encoder_parameters
+
+        frozen = encoder_parameters(model)
+        log.info("encoder (%.2fM parameters) held still for the first %d steps",
+                 sum(q.numel() for q in frozen) / 1e6, tc.freeze_encoder_steps)
     opt = torch.optim.SGD(
         params, lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
     )
@@ -458,7 +484,7 @@ def _train(
                 r = p.supervised_regions(lab)
                 if r is not None:
                     regions = r if regions is None else regions & r
-            lr = poly_lr(tc.lr, step, tc.steps)
+            lr = lr_at(tc, step)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
@@ -473,14 +499,17 @@ def _train(
             loss = loss_fn(outputs, target, known, regions)
             if extra_loss is not None:
                 loss = loss + extra_loss
+            hold = frozen if step < tc.freeze_encoder_steps else []
             if scaler is not None:
                 scaler.scale(loss).backward()
+                _drop_grads(hold)
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 scaler.step(opt)
                 scaler.update()
             else:
                 loss.backward()
+                _drop_grads(hold)
                 nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 opt.step()
             done = step + 1
@@ -530,5 +559,5 @@ def _train(
     return out
 
 
-__all__ = ["StepBatches", "amp_setup", "poly_lr", "prepare_network",
+__all__ = ["StepBatches", "amp_setup", "lr_at", "poly_lr", "prepare_network",
            "split_cases", "train", "validate"]
