@@ -137,11 +137,15 @@ def test_every_packaged_config_and_the_review_pages_ship_in_the_wheel(tmp_path: 
             "from menseg.review.site import static_root;"
             "root = static_root();"
             "pages = sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file());"
-            "print(json.dumps([menseg.__file__, names, [load_config(n).name for n in names], pages]))")
+            "from menseg.sim2real.stream import resolve_mapping;"
+            "mapping = len(resolve_mapping('synthseg'));"
+            "loaded = [load_config(n).name for n in names];"
+            "print(json.dumps([menseg.__file__, names, loaded, pages, mapping]))")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, **run)
     assert res.returncode == 0, res.stderr[-2000:]
-    where, names, loaded, pages = json.loads(res.stdout)
+    where, names, loaded, pages, mapping = json.loads(res.stdout)
+    assert mapping > 100  # the packaged label mapping of the stream's label maps
     assert where.startswith(str(tmp_path / "site"))
     assert names == packaged_config_names()  # every packaged config, subfolders included
     assert loaded == [n.split("/")[-1] for n in names]

@@ -409,6 +409,42 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """Where a Sim2Real run's synthetic cases come from and how often they are renewed
+    (``sim2real.stream``; :mod:`menseg.sim2real.stream`). At its defaults the run has one fixed pool of
+    ``n_synthetic`` cases of the randomised appearance model on the template anatomy, as before."""
+
+    #: replace the synthetic pool by the next ``n_synthetic`` cases of the stream every this many steps
+    #: (made in a background thread while the current ones train); 0 = one pool for the whole run
+    refresh_every: int = 0
+    #: appearance of each case, drawn uniformly per case: ``random`` (the randomised appearance model)
+    #: and/or MR-physics site names (site-a … site-d, ``menseg synth --site``)
+    sites: tuple[str, ...] = ("random",)
+    #: folder of whole-head label maps (e.g. ../shared/data/label-maps): real anatomy for a share of the
+    #: cases, resampled to the run's grid, with random intensities (SynthSeg-style)
+    label_maps: str | None = None
+    label_map_share: float = 0.5  #: share of the cases made on a label map (when ``label_maps`` is set)
+    #: which class of the label maps is which tissue: ``synthseg`` (packaged: FreeSurfer / SynthSeg ids,
+    #: extra-cerebral classes to background so cases look skull-stripped), a JSON file, or none
+    label_mapping: str | None = "synthseg"
+    prefetch: bool = True  #: make the next pool in a background thread (False: at the refresh step)
+
+    def __post_init__(self) -> None:
+        if self.refresh_every < 0:
+            raise MensegError(f"sim2real.stream.refresh_every must be >= 0, got {self.refresh_every}")
+        if not self.sites:
+            raise MensegError("sim2real.stream.sites must name at least one appearance (random or a site)")
+        if not 0.0 <= self.label_map_share <= 1.0:
+            raise MensegError(f"sim2real.stream.label_map_share must be in [0, 1], got "
+                              f"{self.label_map_share}")
+
+    @property
+    def default(self) -> bool:
+        """The fixed pool of randomised template cases (no stream)."""
+        return self.refresh_every == 0 and tuple(self.sites) == ("random",) and not self.label_maps
+
+
+@dataclass(frozen=True)
 class Sim2RealConfig:
     """Sim2Real semantic injection (DESIGN.md, idea 2); ``enabled`` switches the whole section."""
 
@@ -419,6 +455,7 @@ class Sim2RealConfig:
     translator: TranslatorConfig = field(default_factory=TranslatorConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
         if self.n_synthetic < 1:

@@ -125,13 +125,36 @@ class MixedSampler(PatchSampler):
         super().__init__([c for name in SOURCES for c in groups.get(name, ())], patch_size, fg_share)
         self.fg = [foreground_coords(np.where(lab == UNKNOWN, 0, lab)) if (lab == UNKNOWN).any() else fg
                    for (_, lab), fg in zip(self.cases, self.fg, strict=True)]
+        self.stream: Any = None  # a sim2real.stream.RollingPool renewing the synthetic cases
+        self.generation = 0
+        self.on_renew: list[Any] = []  # called with the new synthetic cases
+
+    def follow(self, stream: Any, generation: int = 0) -> None:
+        """Take the synthetic cases from ``stream`` (a :class:`~menseg.sim2real.stream.RollingPool`, whose
+        ``generation`` is what the sampler holds now) from here on."""
+        self.stream, self.generation = stream, generation
+
+    def _renew(self, step: int) -> None:
+        g = self.stream.generation_of(step)
+        if g == self.generation:
+            return
+        lo, hi = self.ranges[SOURCES.index("synthetic")]
+        new = [(img, lab) for _, img, lab in self.stream.get(g)]
+        self.cases[lo:hi] = new
+        self.fg[lo:hi] = [foreground_coords(lab) for _, lab in new]
+        self.generation = g
+        for fn in self.on_renew:
+            fn(new)
 
     def source_of(self, case: int) -> int:
         """Source index of global case ``case``."""
         return next(k for k, (lo, hi) in enumerate(self.ranges) if lo <= case < hi)
 
     def sample_step(self, step: int, rng: np.random.Generator, batch_size: int) -> list[PatchChoice]:
-        """Patch choices of ``step``."""
+        """Patch choices of ``step`` (the synthetic cases of a stream renewed first when ``step`` starts a
+        new generation)."""
+        if self.stream is not None:
+            self._renew(step)
         sources = sample_sources(self.s2r, self.seed, step, batch_size, self.total, self.has_real)
         n_fg = n_foreground(batch_size, self.fg_share, rng)
         out = []
@@ -149,7 +172,8 @@ class MixedSampler(PatchSampler):
 
 
 def synthetic_pool(cfg: Config, cache: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The run seed's synthetic pool ``[(case_id, image, label)]``, shared by runs with one cache."""
+    """The run seed's synthetic pool ``[(case_id, image, label)]``, shared by runs with one cache (the fixed
+    pool of randomised template cases; a ``sim2real.stream`` run takes generation 0 of its stream)."""
     from menseg.synth.pool import synthetic_pool_cases
 
     n, seed = cfg.sim2real.n_synthetic, derive_seed(cfg.train.seed, "s2r-synthetic-pool")
@@ -218,6 +242,24 @@ def inject_pool(
     return out
 
 
+def _translator_path(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                     real: Sequence[tuple[str, np.ndarray]], cache: Path) -> Path:
+    """``sim2real.translator.path``, or where the translator fitted for this pool and these scans is cached
+    (the digest covers the pool, the real scans, the translator settings and the seed)."""
+    from menseg.sim2real.translator import NOT_FIT
+
+    tc = cfg.sim2real.translator
+    if tc.path:
+        return Path(tc.path)
+    settings = {k: v for k, v in to_dict(tc).items() if k not in NOT_FIT}
+    what: dict[str, Any] = {"synthetic": [c for c, _, _ in synthetic], "real": [c for c, _ in real],
+                            "settings": settings, "seed": cfg.train.seed, "spacing": list(cfg.data.spacing)}
+    if not cfg.sim2real.stream.default:  # stream cases are named by index: their recipe tells them apart
+        what["stream"] = to_dict(cfg.sim2real.stream)
+    key = json_digest(what)[:12]
+    return cache / "sim2real" / f"translator-{key}" / "translator.pt"
+
+
 def translated(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
                real: Sequence[tuple[str, np.ndarray]], cache: Path, device: str,
                progress: bool = True) -> tuple[list[np.ndarray], float]:
@@ -227,19 +269,13 @@ def translated(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarra
     and ``real`` and cached under ``cache/sim2real/translator-<digest>`` (the digest covers the pool,
     the real scans, the translator settings and the seed, so every run of a benchmark seed shares it).
     """
-    from menseg.sim2real.translator import NOT_FIT, fit_translator, load_translator, translate_image
+    from menseg.sim2real.translator import fit_translator, load_translator, translate_image
 
     tc = cfg.sim2real.translator
     fit_seconds = 0.0
-    if tc.path:
-        path = Path(tc.path)
-    else:
-        settings = {k: v for k, v in to_dict(tc).items() if k not in NOT_FIT}
-        key = json_digest({"synthetic": [c for c, _, _ in synthetic], "real": [c for c, _ in real],
-                           "settings": settings, "seed": cfg.train.seed,
-                           "spacing": list(cfg.data.spacing)})[:12]
-        folder = cache / "sim2real" / f"translator-{key}"
-        path = folder / "translator.pt"
+    path = _translator_path(cfg, synthetic, real, cache)
+    if not tc.path:
+        folder = path.parent
         if not path.is_file():
             import time
 
@@ -269,8 +305,8 @@ class AlignStep:
     """The feature-alignment term of a step: encoder features of ``align.batch_size`` (augmented) source
     patches against as many real patches, through a :class:`menseg.sim2real.align.FeatureAligner`.
 
-    ``source``: synthetic pool (translated when the translator is on); ``target``: real scans (labels
-    unused).
+    ``source``: synthetic pool (translated when the translator is on; renewed with a stream's
+    generations); ``target``: real scans (labels unused).
     """
 
     cfg: Config
@@ -278,6 +314,10 @@ class AlignStep:
     aligner: nn.Module
     source: PatchSampler
     target: PatchSampler
+
+    def renew(self, cases: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Draw source patches from these synthetic cases from now on."""
+        self.source = PatchSampler(cases, self.source.patch_size, self.source.fg_share)
 
     def loss(self, step: int, device: torch.device) -> tuple[Tensor, dict[str, float]]:
         from menseg.nets.unet import encode
@@ -317,6 +357,39 @@ class Sim2RealParts:
     info: dict[str, Any]
 
 
+def _stream(cfg: Config) -> Any:
+    """The run's :class:`~menseg.sim2real.stream.RollingPool` over its stream (``sim2real.stream``); with
+    ``refresh_every`` 0 only its generation 0 is used (a fixed pool of stream cases)."""
+    from menseg.sim2real.stream import RollingPool, StreamSource
+
+    sc = cfg.sim2real.stream
+    if sc.refresh_every and cfg.train.num_workers:
+        raise MensegError("sim2real.stream.refresh_every needs train.num_workers=0 (the synthetic cases are "
+                          "renewed in the training process)")
+    source = StreamSource.build(sc, derive_seed(cfg.train.seed, "s2r-stream"), cfg.data.spacing)
+    log.info("sim2real stream: %d cases per generation%s; appearances %s%s", cfg.sim2real.n_synthetic,
+             f", renewed every {sc.refresh_every} steps" if sc.refresh_every else " (one fixed pool)",
+             ", ".join(sc.sites),
+             f"; {sc.label_map_share:.0%} on {len(source.maps)} label maps" if source.maps else "")
+    return RollingPool(source.case, cfg.sim2real.n_synthetic, max(sc.refresh_every, 1), sc.prefetch)
+
+
+def _translate_with(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                    real: Sequence[tuple[str, np.ndarray]], cache: Path, device: torch.device) -> Any:
+    """A function translating a generation of stream cases with the run's (already fitted) translator."""
+    from menseg.sim2real.translator import load_translator, translate_image
+
+    path = _translator_path(cfg, synthetic, real, cache)
+    gen = load_translator(path, device=str(device))
+
+    Case = tuple[str, np.ndarray, np.ndarray]
+
+    def translate(cases: list[Case]) -> list[Case]:
+        return [(cid, translate_image(gen, img), lab) for cid, img, lab in cases]
+
+    return translate
+
+
 def _unlabelled(cfg: Config, cache: Path) -> list[tuple[str, np.ndarray]]:
     from menseg.data.dataset import preprocess_dataset
     from menseg.data.layouts import discover_cases
@@ -341,13 +414,20 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
     real_scans = unlabelled or [(cid, img) for cid, img, _ in labelled]
     info: dict[str, Any] = {"n_labelled": len(labelled), "n_unlabelled": len(unlabelled)}
     need_syn = s2r.inject.share < 1.0 or not s2r.inject.enabled or s2r.align.method != "none"
-    synthetic = synthetic_pool(cfg, cache) if need_syn else []
+    stream = None
+    if need_syn and not s2r.stream.default:
+        stream = _stream(cfg)
+        synthetic = stream.raw(0)
+    else:
+        synthetic = synthetic_pool(cfg, cache) if need_syn else []
     syn_images = [img for _, img, _ in synthetic]
     if s2r.translator.enabled and synthetic:
         if not real_scans:
             raise MensegError("sim2real.translator needs real scans (data.unlabeled_root or labelled cases)")
         syn_images, info["translator_fit_seconds"] = translated(cfg, synthetic, real_scans, cache,
                                                                 str(device), progress)
+        if stream is not None:  # later generations are translated as they are made
+            stream.transform = _translate_with(cfg, synthetic, real_scans, cache, device)
     injected = []
     if s2r.inject.enabled:
         hosts = unlabelled if s2r.inject.into == "both" or not labelled else []
@@ -358,6 +438,10 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
     info.update({f"n_{k}": len(v) for k, v in groups.items()})
     sampler = MixedSampler(groups, cfg.train.patch_size, cfg.train.fg_oversample, s2r, cfg.train.seed,
                            cfg.train.steps)
+    if stream is not None and s2r.stream.refresh_every:
+        stream.put(0, [(cid, img, lab) for img, (cid, _, lab) in zip(syn_images, synthetic, strict=True)])
+        sampler.follow(stream, 0)
+        info["stream_refresh_every"] = s2r.stream.refresh_every
     align = None
     if s2r.align.method != "none":
         from menseg.nets.unet import level_channels
@@ -373,6 +457,7 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
         target = PatchSampler([(img, np.zeros(img.shape[1:], np.uint8)) for _, img in real_scans],
                               cfg.train.patch_size, 0.0)
         align = AlignStep(cfg, model, aligner, source, target)
+        sampler.on_renew.append(align.renew)
     log.info("sim2real: %s", ", ".join(f"{k} {v}" for k, v in info.items()))
     return Sim2RealParts(sampler, align, info)
 
