@@ -177,10 +177,20 @@ def test_init_weights_checks_every_layer(tmp_path: Path) -> None:
                                           r"bottleneck.conv1.conv.weight \(shape \(32, 8, 3, 3, 3\) in this "
                                           r"network, \(16, 8, 3, 3, 3\) in the init weights\)"):
         init_weights(wider, str(src))
+    with_presence = _checkpoint(tmp_path / "p.pt", _tiny(seqdrop={"enabled": True}), seed=1)
+    with pytest.raises(MensegError, match=r"at input_block.conv1.conv.weight \(not in the init weights\)"):
+        init_weights(build_run_network(_tiny()), str(with_presence))
+
+
+def test_a_presence_network_starts_as_the_plain_one_it_comes_from(tmp_path: Path) -> None:
+    src = _checkpoint(tmp_path / "a.pt", _tiny(), seed=1)
+    plain = build_run_network(_tiny())
+    init_weights(plain, str(src))
     presence = build_run_network(_tiny(seqdrop={"enabled": True}))
-    with pytest.raises(MensegError,
-                       match=r"at input_block.block.conv1.conv.weight \(not in the init weights\)"):
-        init_weights(presence, str(src))
+    init_weights(presence, str(src))
+    x = torch.randn(2, 4, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), presence.eval()(x))  # zero weights on the presence channels
 
 
 def test_ism_network_starts_from_a_plain_one(tmp_path: Path) -> None:

@@ -187,6 +187,42 @@ def test_training_on_incomplete_cases_and_predicting_any_subset(tmp_path: Path) 
                                        "train.steps=1"]), progress=False)
 
 
+def test_a_companion_predicts_incomplete_scans_and_the_network_complete_ones(tmp_path: Path) -> None:
+    from menseg.checkpoint import load_checkpoint
+    from menseg.infer.predict import predict, sidecar_path
+    from menseg.train.trainer import train
+
+    data = _incomplete_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = load_config("baseline", [*TINY, f"data={data}", f"out_dir={run}", "train.steps=4",
+                                   "seqdrop.enabled=true", "seqdrop.companion_steps=3", "seqdrop.p_drop=1.0"])
+    assert accepts_subsets(cfg) and not presence_input(cfg)  # the network itself trains without dropout
+    train(cfg, progress=False, stop_at=2)  # killed during the network: no companion yet
+    assert not (run / "companion").exists()
+    train(cfg, resume=True, progress=False)
+    main, _ = load_model(run / "latest.pt")
+    comp, ccfg = load_model(run / "companion" / "latest.pt")
+    assert not model_accepts_subsets(main) and model_accepts_subsets(comp)
+    assert ccfg.train.steps == 3 and ccfg.train.lr == cfg.seqdrop.companion_lr and ccfg.model.init
+    recs = [json.loads(x) for x in (run / "companion" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(r["seqdrop_dropped"] >= 1 for r in recs)  # p_drop 1 (a t1c-only case
+    # has nothing to lose)
+    assert "seqdrop_dropped" not in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert load_checkpoint(run / "companion" / "latest.pt")["step"] == 3
+    full = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    case = tmp_path / "in" / full.name
+    shutil.copytree(full, case)
+    (out,) = predict(run, case, tmp_path / "complete.nii.gz", progress=False)
+    assert json.loads(sidecar_path(out).read_text())["model"] == str(run / "latest.pt")
+    for m in ("t1n", "t2f", "t2w"):
+        (case / f"{full.name}-{m}.nii.gz").unlink()
+    (out,) = predict(run, case, tmp_path / "t1c-only.nii.gz", progress=False)
+    assert json.loads(sidecar_path(out).read_text())["model"] == str(run / "companion" / "latest.pt")
+    shutil.rmtree(run / "companion")
+    with pytest.raises(MensegError, match="a companion for incomplete scans, but .*companion is missing"):
+        predict(run, case, tmp_path / "again.nii.gz", progress=False)
+
+
 def test_checkpoints_and_runs_from_before_sequence_dropout(tmp_path: Path) -> None:
     from menseg.train.trainer import train
 

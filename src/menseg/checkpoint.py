@@ -128,6 +128,8 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu") -> t
 
 #: What a run folder may hold for prediction, in the order :func:`run_checkpoint` prefers them.
 RUN_CHECKPOINTS: tuple[str, ...] = ("best.pt", "latest.pt")
+#: The folder of a run's companion for incomplete scans (``seqdrop.companion_steps``).
+COMPANION = "companion"
 #: The files of a run folder that the trainer lists when it finishes (those that exist).
 RUN_FILES: tuple[str, ...] = (*RUN_CHECKPOINTS, "metrics.jsonl", "config.yaml")
 
@@ -149,8 +151,10 @@ def run_checkpoint(run_dir: str | Path) -> Path:
 
 
 def run_files(run_dir: str | Path) -> list[str]:
-    """The :data:`RUN_FILES` that exist in ``run_dir`` (what a finished run wrote)."""
-    return [n for n in RUN_FILES if (Path(run_dir) / n).is_file()]
+    """The :data:`RUN_FILES` that exist in ``run_dir`` (what a finished run wrote), and ``companion/``
+    when the run has one."""
+    found = [n for n in RUN_FILES if (Path(run_dir) / n).is_file()]
+    return found + ([f"{COMPANION}/"] if (Path(run_dir) / COMPANION).is_dir() else [])
 
 
 def config_from_checkpoint(state: dict[str, Any], path: str | Path | None = None) -> Config:

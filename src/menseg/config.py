@@ -538,8 +538,16 @@ class SeqDropConfig:
     #: leave ET and TC out of the loss of a sample that has no t1c (enhancement cannot be seen
     #: without contrast: supervising it teaches the network to guess it on every scan)
     mask_unseen: bool = False
+    #: N > 0: a *companion* for incomplete scans. The run's network trains without dropout (complete scans
+    #: are predicted by it, at no cost); then a copy of it, with the presence input added (zero weights:
+    #: it starts as the same function), is fine-tuned for N steps with dropout into ``<run>/companion``,
+    #: and prediction uses it for the cases that lack a sequence
+    companion_steps: int = 0
+    companion_lr: float = 3e-3  #: the companion's learning rate (after a warm-up of a tenth of its steps)
 
     def __post_init__(self) -> None:
+        if self.companion_steps < 0 or not self.companion_lr > 0:
+            raise MensegError("seqdrop.companion_steps must be at least 0 and seqdrop.companion_lr positive")
         if not 0.0 <= self.p_drop <= 1.0:
             raise MensegError(f"seqdrop.p_drop must be in [0, 1], got {self.p_drop}")
         if self.max_drop < 0:
@@ -581,13 +589,19 @@ class Config:
 
 def presence_input(cfg: Config) -> bool:
     """Whether the run's network takes the sequences' presence as input (sequence dropout on, and
-    not replaced by ISM's modal fusion)."""
-    return cfg.seqdrop.enabled and not cfg.ism.modal.enabled
+    not replaced by ISM's modal fusion nor left to a companion)."""
+    return cfg.seqdrop.enabled and not cfg.ism.modal.enabled and not has_companion(cfg)
+
+
+def has_companion(cfg: Config) -> bool:
+    """Whether the run trains a companion network for incomplete scans (``seqdrop.companion_steps``)."""
+    return cfg.seqdrop.enabled and not cfg.ism.modal.enabled and cfg.seqdrop.companion_steps > 0
 
 
 def accepts_subsets(cfg: Config) -> bool:
-    """Whether the run's model takes cases lacking sequences (presence input or ISM's modal fusion)."""
-    return presence_input(cfg) or cfg.ism.modal.enabled
+    """Whether the run's model takes cases lacking sequences (presence input, ISM's modal fusion, or a
+    companion network for them)."""
+    return presence_input(cfg) or cfg.ism.modal.enabled or has_companion(cfg)
 
 
 #: Keys whose default changed what a run does: a stored config that lacks one (a checkpoint, a benchmark

@@ -122,7 +122,8 @@ def run_missing(
     """
     from tqdm.auto import tqdm
 
-    from menseg.checkpoint import load_model
+    from menseg.checkpoint import COMPANION, load_model
+    from menseg.config import has_companion
     from menseg.data.dataset import preprocess_dataset
     from menseg.infer.postprocess import regions_to_labels, remove_small_components
     from menseg.infer.sliding import predict_probs, resolve_device
@@ -150,9 +151,13 @@ def run_missing(
         total=len(runs) * len(conds) * len(cases), desc="missing sequences", unit="case", disable=not progress
     )
     for run in runs:
-        model, cfg = load_model(run["_dir"] / "train" / "latest.pt", dev)
-        modal = isinstance(model, ISMNet) and model.stem is not None  # (a presence stem needs no hint)
+        full = load_model(run["_dir"] / "train" / "latest.pt", dev)
+        # a run with a companion for incomplete scans predicts them with it, as menseg predict does
+        companion = run["_dir"] / "train" / COMPANION / "latest.pt"
+        part = load_model(companion, dev) if has_companion(full[1]) else full
         for kept in conds:
+            model, cfg = full if len(kept) == len(MODALITIES) else part
+            modal = isinstance(model, ISMNet) and model.stem is not None  # (a presence stem needs no hint)
             present = [m in kept for m in MODALITIES]
             dropped = " ".join(m for m in MODALITIES if m not in kept) or "none"
             for case in cases:

@@ -286,17 +286,19 @@ def predict(
 
     model, cfg, extras = load_model_and_state(model_path, dev)
     rules = (extras.get("postprocess") or {}).get("rules") if learned_postprocess else None
+    companion = _load_companion(model_path, cfg, dev, learned_postprocess) if any(
+        c.missing for c in cases) else None
     if keep_going:  # cases the model cannot use become error rows, the rest is predicted
         usable = []
         for case, out, old in zip(cases, outputs, existing, strict=True):
             try:
-                _check_model_fits(model, model_path, [case], prior_case)
+                _check_model_fits(model, model_path, [case], prior_case, companion)
                 usable.append((case, out, old))
             except MensegError as e:
                 failed.append((case.case_id, _one_line(e)))
         todo = usable
     else:
-        _check_model_fits(model, model_path, cases, prior_case)
+        _check_model_fits(model, model_path, cases, prior_case, companion)
         todo = list(zip(cases, outputs, existing, strict=True))
     infer_changes = {k: v for k, v in (("overlap", overlap), ("precision", precision)) if v is not None}
     if infer_changes:
@@ -318,8 +320,9 @@ def predict(
             skipped += 1
             continue
         try:
-            label, affine = _predict_one(model, cfg, case, out, dev, use_mirror, prior_case, gap_days,
-                                         rules, fixed_output, model_label, ignored.get(case.case_id, []))
+            which = (model, cfg, rules, model_label) if companion is None or not case.missing else companion
+            label, affine = _predict_one(which[0], which[1], case, out, dev, use_mirror, prior_case, gap_days,
+                                         which[2], fixed_output, which[3], ignored.get(case.case_id, []))
         except Exception as e:  # noqa: BLE001 - with keep_going any failure of one case is recorded
             if not keep_going:
                 raise
@@ -429,15 +432,37 @@ def _prior_case(
     return found[0]
 
 
+def _load_companion(model_path: Path, cfg: Config, dev: torch.device, learned_postprocess: bool
+                    ) -> tuple[torch.nn.Module, Config, Any, str] | None:
+    """``(model, cfg, rules, label)`` of the companion for incomplete scans beside a run's checkpoint
+    (``seqdrop.companion_steps``), or None when the run has none. MensegError when the run should have one
+    but its folder does not (the run was stopped before its companion finished)."""
+    from menseg.checkpoint import COMPANION, run_checkpoint
+    from menseg.config import has_companion
+
+    if not has_companion(cfg):
+        return None
+    folder = model_path.parent / COMPANION
+    if not folder.is_dir():
+        raise MensegError(f"this run trains a companion for incomplete scans, but {folder} is missing (the "
+                          "run stopped before it: continue it with menseg train ... --resume)", model_path)
+    path = run_checkpoint(folder)
+    model, ccfg, extras = load_model_and_state(path, dev)
+    rules = (extras.get("postprocess") or {}).get("rules") if learned_postprocess else None
+    log.info("cases lacking a sequence are predicted by the run's companion %s", path)
+    return model, ccfg, rules, str(path)
+
+
 def _check_model_fits(
-    model: torch.nn.Module, path: Path, cases: Sequence[CaseFiles], prior: CaseFiles | None
+    model: torch.nn.Module, path: Path, cases: Sequence[CaseFiles], prior: CaseFiles | None,
+    companion: Any = None,
 ) -> None:
-    """Refuse, before any work, inputs the model cannot use."""
+    """Refuse, before any work, inputs the model (or its companion for incomplete scans) cannot use."""
     from menseg.ism.model import ISMNet
     from menseg.nets import accepts_subsets
 
     partial = [c for c in cases if c.missing]
-    if partial and not accepts_subsets(model):
+    if partial and not accepts_subsets(model) and companion is None:
         c = partial[0]
         raise MensegError(
             f"case '{c.case_id}' lacks {', '.join(c.missing)}; this model needs all four sequences "

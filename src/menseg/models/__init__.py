@@ -177,12 +177,43 @@ def _first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
     return f"{extra[0]} (in the init weights, not in this network)" if extra else None
 
 
+#: Where a plain network's first block sits in one with the presence input (``nets.PresenceStem``).
+_STEM_PREFIXES = (("input_block.", "input_block.block."),
+                  ("skip_layers.downsample.", "skip_layers.downsample.block."))
+
+
+def _with_presence(state: dict[str, Any], want: dict[str, Any]) -> dict[str, Any] | None:
+    """A plain network's weights laid out for the same network with the presence input: the first block
+    moves under its stem, and the input convolution gets zero weights for the presence channels, so the
+    network computes exactly what the plain one did on complete scans. None when ``want`` has no stem or
+    ``state`` already has one."""
+    import torch
+
+    if not any(k.startswith("input_block.block.") for k in want) or any(
+            k.startswith("input_block.block.") for k in state):
+        return None
+    out: dict[str, Any] = {}
+    for key, tensor in state.items():
+        for old, new in _STEM_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        target = want.get(key)
+        if (target is not None and tensor.dim() >= 2 and tuple(target.shape[:1]) == tuple(tensor.shape[:1])
+                and target.shape[1] == 2 * tensor.shape[1] and target.shape[2:] == tensor.shape[2:]):
+            tensor = torch.cat([tensor, torch.zeros_like(tensor)], dim=1)  # presence channels: weight 0
+        out[key] = tensor
+    return out
+
+
 def init_weights(model: Any, spec: str) -> str:
     """Load ``model.init`` weights (:func:`resolve_model`'s spec) into ``model`` in place.
 
     The network must match the init weights layer for layer (names and shapes): otherwise MensegError
     names the first differing layer. An :class:`~menseg.ism.model.ISMNet` may start from a plain network's
-    weights: they go into its backbone (``model.net``) and the ISM modules keep their fresh start.
+    weights: they go into its backbone (``model.net``) and the ISM modules keep their fresh start. A network
+    with the presence input (sequence dropout) may start from one without: the presence channels get zero
+    weights, so it starts as the same function on complete scans.
     Returns what was loaded, for the log.
     """
     from menseg.checkpoint import load_checkpoint
@@ -193,6 +224,10 @@ def init_weights(model: Any, spec: str) -> str:
     if hasattr(model, "net") and not any(k.startswith("net.") for k in state):
         target = model.net  # ISM network from a plain one
     want = target.state_dict()
+    expanded = _with_presence(state, want)
+    if expanded is not None:
+        log.info("the init weights have no presence input: added, with zero weights")
+        state = expanded
     diff = _first_difference(state, want)
     if diff is not None:
         raise MensegError(f"model.init: this network differs from {label}'s at {diff}; the run's model "

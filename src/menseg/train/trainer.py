@@ -262,6 +262,15 @@ def train(
     with folder_lock(cfg.out_dir, "training run") if ctx.main else contextlib.nullcontext():
         out = _train(cfg, resume, ctx, device, stop_at=stop_at, progress=progress and ctx.main,
                      on_step=on_step)
+    from menseg.config import has_companion
+
+    if has_companion(cfg) and (stop_at is None or stop_at >= tc.steps):
+        ddp.barrier(ctx)  # the companion starts from the network's final files
+        comp = companion_config(cfg, out)
+        again = any((Path(comp.out_dir) / n).is_file() for n in ("latest.pt", "latest.prev.pt"))
+        log.info("training the companion for incomplete scans (%d steps with sequence dropout) in %s",
+                 comp.train.steps, comp.out_dir)
+        train(comp, resume=again, progress=progress)
     if owns_group:
         # leave together, once rank 0 has written its last checkpoint: a rank that tears the group down
         # while another still uses it aborts the process (gloo). After an error the group is left to
@@ -269,6 +278,25 @@ def train(
         ddp.barrier(ctx)
         ddp.teardown()
     return out
+
+
+def companion_config(cfg: Config, run_dir: str | Path) -> Config:
+    """The config of a run's companion for incomplete scans: the run's, fine-tuned from the network's
+    checkpoint (:func:`~menseg.checkpoint.run_checkpoint`) for ``seqdrop.companion_steps`` steps at
+    ``seqdrop.companion_lr`` (warm-up over a tenth of them) with sequence dropout and the presence input,
+    in ``<run>/companion``, on the run's preprocessing cache."""
+    from menseg.checkpoint import COMPANION, run_checkpoint
+
+    sd, tc = cfg.seqdrop, cfg.train
+    run_dir = Path(run_dir)
+    k = sd.companion_steps
+    return replace(
+        cfg, out_dir=str(run_dir / COMPANION),
+        data=replace(cfg.data, cache_dir=str(cache_dir(cfg, run_dir))),
+        model=replace(cfg.model, init=str(run_checkpoint(run_dir))),
+        train=replace(tc, steps=k, lr=sd.companion_lr, warmup_steps=max(1, k // 10), freeze_encoder_steps=0,
+                      val_every=min(tc.val_every, k), checkpoint_every=min(tc.checkpoint_every, k)),
+        seqdrop=replace(sd, companion_steps=0))
 
 
 def _occupied(out: Path) -> bool:
@@ -559,5 +587,5 @@ def _train(
     return out
 
 
-__all__ = ["StepBatches", "amp_setup", "lr_at", "poly_lr", "prepare_network",
+__all__ = ["StepBatches", "amp_setup", "companion_config", "lr_at", "poly_lr", "prepare_network",
            "split_cases", "train", "validate"]
