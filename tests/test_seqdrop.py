@@ -218,7 +218,15 @@ def test_a_companion_predicts_incomplete_scans_and_the_network_complete_ones(tmp
         (case / f"{full.name}-{m}.nii.gz").unlink()
     (out,) = predict(run, case, tmp_path / "t1c-only.nii.gz", progress=False)
     assert json.loads(sidecar_path(out).read_text())["model"] == str(run / "companion" / "latest.pt")
+    # an exported model carries its companion in the one file
+    from menseg.models import export_model
+
+    entry = export_model(run, "with-companion", tmp_path / "lib")
+    (out,) = predict(entry.weights, case, tmp_path / "exported.nii.gz", progress=False)
+    assert json.loads(sidecar_path(out).read_text())["model"] == f"{entry.weights}#companion"
     shutil.rmtree(run / "companion")
+    with pytest.raises(MensegError, match="trains a companion for incomplete scans but has none yet"):
+        export_model(run, "without", tmp_path / "lib")
     with pytest.raises(MensegError, match="a companion for incomplete scans, but .*companion is missing"):
         predict(run, case, tmp_path / "again.nii.gz", progress=False)
 

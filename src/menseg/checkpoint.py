@@ -183,23 +183,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 def load_model_and_state(path: str | Path, device: str | torch.device = "cpu"
                          ) -> tuple[nn.Module, Config, dict[str, Any]]:
     """:func:`load_model` and the checkpoint's other entries (e.g. ``postprocess``), weights left out."""
-    from menseg.ism.model import build_model
-
     state = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_checkpoint(state, path)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise MensegError(f"weights do not match the stored model config ({first})", path) from None
-    model.to(device).eval()
+    model, cfg = model_from_state(state, device, path)
     log.debug("loaded %s (step %s)", path, state.get("step"))
     return model, cfg, {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
 
+def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu", path: str | Path | None = None
+                     ) -> tuple[nn.Module, Config]:
+    """The network of a checkpoint dict (``model`` weights and ``config``; e.g. an exported model's
+    ``companion`` entry), on ``device`` in eval mode. ``path`` names the file in errors."""
+    from menseg.ism.model import build_model
+
+    cfg = config_from_checkpoint(state, path)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise MensegError(f"weights do not match the stored model config ({first})", path) from None
+    return model.to(device).eval(), cfg
+
+
 __all__ = [
     "checksum_path", "config_from_checkpoint", "load_checkpoint", "load_latest", "load_model",
-    "load_model_and_state",
+    "load_model_and_state", "model_from_state",
     "previous_path", "save_checkpoint",
 ]

@@ -239,6 +239,35 @@ def init_weights(model: Any, spec: str) -> str:
     return what
 
 
+def _weights(state: dict[str, Any], half: bool) -> dict[str, Any]:
+    """A state dict, in fp16 with ``half``; tensors shared under two names stay shared."""
+    out: dict[str, Any] = {}
+    converted: dict[tuple[int, tuple[int, ...]], Any] = {}
+    for k, v in state.items():
+        if half and v.is_floating_point():
+            v = converted.setdefault((v.data_ptr(), tuple(v.shape)), v.half())
+        out[k] = v
+    return out
+
+
+def _companion_of(checkpoint: Path, cfg: Any) -> dict[str, Any] | None:
+    """The companion for incomplete scans of the run a checkpoint belongs to (``seqdrop.companion_steps``):
+    its checkpoint dict, the checkpoint's own ``companion`` entry (an exported model), or None."""
+    from menseg.checkpoint import COMPANION, load_checkpoint, run_checkpoint
+    from menseg.config import has_companion
+
+    if not has_companion(cfg):
+        return None
+    own = load_checkpoint(checkpoint).get("companion")
+    if isinstance(own, dict):
+        return own
+    folder = checkpoint.parent / COMPANION
+    if not folder.is_dir():
+        raise MensegError("this run trains a companion for incomplete scans but has none yet (finish it with "
+                          "menseg train ... --resume)", folder)
+    return load_checkpoint(run_checkpoint(folder))
+
+
 def export_model(
     source: str | os.PathLike[str],
     name: str,
@@ -275,14 +304,12 @@ def export_model(
     weights, manifest, card_path = (out / f"{name}{ext}" for ext in (".pt", ".json", ".md"))
     if not overwrite and any(p.exists() for p in (weights, manifest, card_path)):
         raise MensegError(f"a model called '{name}' is already there; use --overwrite to replace it", out)
-    model: dict[str, Any] = {}
-    converted: dict[tuple[int, tuple[int, ...]], Any] = {}  # tensors shared under two names stay shared
-    for k, v in state["model"].items():
-        if half and v.is_floating_point():
-            v = converted.setdefault((v.data_ptr(), tuple(v.shape)), v.half())
-        model[k] = v
-    kept = {"format": state.get("format", 1), "model": model, "config": state["config"],
-            "step": state.get("step"), "postprocess": state.get("postprocess")}
+    kept = {"format": state.get("format", 1), "model": _weights(state["model"], half),
+            "config": state["config"], "step": state.get("step"), "postprocess": state.get("postprocess")}
+    companion = _companion_of(src_path, cfg)
+    if companion is not None:  # the network for incomplete scans travels in the same file
+        kept["companion"] = {"model": _weights(companion["model"], half), "config": companion["config"],
+                             "step": companion.get("step"), "postprocess": companion.get("postprocess")}
     with atomic_path(weights) as tmp:
         torch.save(kept, tmp)
     size = weights.stat().st_size
