@@ -446,3 +446,13 @@ def test_report_only_writes_the_report_of_finished_runs_and_trains_nothing(micro
     with pytest.raises(MensegError, match="no benchmark here"):
         eff.run_efficiency(tmp_path / "empty", profile=micro["profile"], report_only=True, progress=False)
     assert not (tmp_path / "empty").exists()
+
+
+def test_training_time_counts_the_companion(tmp_path: Path) -> None:
+    from menseg.bench.efficiency import _train_seconds
+
+    (tmp_path / "companion").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 2.5}\n{"step": 2, "time": 10.0}\n')
+    assert _train_seconds(tmp_path) == 10.0  # no companion run yet: its folder holds no metrics
+    (tmp_path / "companion" / "metrics.jsonl").write_text('{"step": 1, "time": 3.0}\n')
+    assert _train_seconds(tmp_path) == 13.0

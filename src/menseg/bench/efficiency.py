@@ -667,7 +667,16 @@ def _read_done(run: RunSpec) -> dict[str, Any] | None:
 
 
 def _train_seconds(train_dir: Path) -> float:
-    """Wall seconds of training, from the last metrics.jsonl line (resumes included)."""
+    """Wall seconds of training, from the last metrics.jsonl line (resumes included), plus the run's
+    companion for incomplete scans when it has one (``seqdrop.companion_steps``)."""
+    from menseg.checkpoint import COMPANION
+
+    companion = train_dir / COMPANION
+    return _metrics_seconds(train_dir) + (_metrics_seconds(companion) if companion.is_dir() else 0.0)
+
+
+def _metrics_seconds(train_dir: Path) -> float:
+    """The ``time`` of the last line of a run folder's metrics.jsonl (0 without one)."""
     last = 0.0
     path = train_dir / "metrics.jsonl"
     if path.is_file():
