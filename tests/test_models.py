@@ -36,8 +36,10 @@ def _tiny(**extra: dict) -> Config:
 
 
 def _checkpoint(path: Path, cfg: Config, seed: int = 0) -> Path:
+    from menseg.ism.model import build_model
+
     torch.manual_seed(seed)
-    net = build_run_network(cfg)
+    net = build_model(cfg)
     save_checkpoint(path, {"model": net.state_dict(), "config": to_dict(cfg), "step": 7,
                            "optimizer": {"state": {}, "param_groups": []}, "train_cases": ["A", "B"]})
     return path
@@ -191,6 +193,17 @@ def test_a_presence_network_starts_as_the_plain_one_it_comes_from(tmp_path: Path
     x = torch.randn(2, 4, 16, 16, 16)
     with torch.no_grad():
         assert torch.equal(plain.eval()(x), presence.eval()(x))  # zero weights on the presence channels
+    # an ISM network (backbone under net.) too
+    from menseg.ism.model import build_model
+
+    ism = {"ism": {"spatial": {"enabled": True, "levels": [1]}}}
+    src = _checkpoint(tmp_path / "ism.pt", _tiny(**ism), seed=2)
+    ism_plain = build_model(_tiny(**ism))
+    init_weights(ism_plain, str(src))
+    ism_presence = build_model(_tiny(seqdrop={"enabled": True}, **ism))
+    init_weights(ism_presence, str(src))
+    with torch.no_grad():
+        assert torch.equal(ism_plain.eval()(x), ism_presence.eval()(x))
 
 
 def test_ism_network_starts_from_a_plain_one(tmp_path: Path) -> None:

@@ -186,17 +186,20 @@ def _with_presence(state: dict[str, Any], want: dict[str, Any]) -> dict[str, Any
     """A plain network's weights laid out for the same network with the presence input: the first block
     moves under its stem, and the input convolution gets zero weights for the presence channels, so the
     network computes exactly what the plain one did on complete scans. None when ``want`` has no stem or
-    ``state`` already has one."""
+    ``state`` already has one. Keys may carry a prefix (an ISM network's backbone is ``net.``)."""
     import torch
 
-    if not any(k.startswith("input_block.block.") for k in want) or any(
-            k.startswith("input_block.block.") for k in state):
+    def stem_prefix(keys: Any) -> str | None:
+        return next((k[: k.index("input_block.block.")] for k in keys if "input_block.block." in k), None)
+
+    prefix = stem_prefix(want)
+    if prefix is None or stem_prefix(state) is not None:
         return None
     out: dict[str, Any] = {}
     for key, tensor in state.items():
         for old, new in _STEM_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
+            if key.startswith(prefix + old):
+                key = prefix + new + key[len(prefix + old):]
                 break
         target = want.get(key)
         if (target is not None and tensor.dim() >= 2 and tuple(target.shape[:1]) == tuple(tensor.shape[:1])
