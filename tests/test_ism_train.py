@@ -84,7 +84,8 @@ def test_missing_sequence_refused_without_modal_fusion_or_sequence_dropout() -> 
     assert isinstance(model, ISMNet)
     with pytest.raises(MensegError, match="t2f"), model.conditioned(present=[True, True, False, True]):
         pass
-    dropout = build_model(load_config("ism", [*TINY, "ism.modal.enabled=false", "seqdrop.enabled=true"]))
+    dropout = build_model(load_config("ism", [*TINY, "ism.modal.enabled=false", "seqdrop.enabled=true",
+                                              "seqdrop.companion_fraction=0"]))  # one network with dropout
     with dropout.conditioned(present=[True, True, False, True]):
         pass
 
@@ -213,7 +214,8 @@ def test_longitudinal_training_and_prior_prediction(longitudinal: Path, tmp_path
     cfg = load_config("ism", [f"data={longitudinal}", f"out_dir={tmp_path / 'run'}", "train.steps=3",
                               *TINY, "data.spacing=[4,4,4]", "ism.temporal.p_mix=1.0",
                               "data.val_fraction=0.34", "train.val_every=3",
-                              "seqdrop.enabled=true", "seqdrop.p_drop=1.0"])  # visit pairs lose sequences too
+                              "seqdrop.enabled=true", "seqdrop.p_drop=1.0",
+                              "seqdrop.companion_fraction=0"])  # visit pairs lose sequences too
     run = train(cfg, progress=False)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["ism_temporal_mixed"] for r in recs) >= 1  # visit pairs were mixed

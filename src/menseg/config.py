@@ -520,9 +520,11 @@ class PostprocessConfig:
 class SeqDropConfig:
     """Sequence dropout (``seqdrop``): per training sample a random subset of t1c/t1n/t2f/t2w is zeroed
     (never all), and the network sees which sequences a patch has (:class:`menseg.nets.PresenceStem`),
-    so the model accepts any non-empty subset at prediction. Off by default: on the medium benchmark's
-    home test set it cost 4.8 points of WT and 12 of ET lesion-wise Dice on complete scans
-    (docs/benchmarks/sequences), so it is switched on where incomplete scans matter (the demo does);
+    so the model accepts any non-empty subset at prediction. One network trained so cost 4.8-6.4 WT points
+    on complete scans (docs/benchmarks/sequences); with a companion (``companion_steps`` /
+    ``companion_fraction``) the network trains without it and a fine-tuned copy takes the incomplete
+    scans, at no cost on complete ones. Off in the dataclass (a stored config without the key is a run
+    without dropout); the packaged configs switch it on with a companion (docs/DESIGN.md, Decisions).
     ``ism.modal`` (modal fusion) handles missing sequences its own way and takes its place when on."""
 
     enabled: bool = False
@@ -543,11 +545,15 @@ class SeqDropConfig:
     #: it starts as the same function), is fine-tuned for N steps with dropout into ``<run>/companion``,
     #: and prediction uses it for the cases that lack a sequence
     companion_steps: int = 0
+    #: the companion's steps as a share of ``train.steps`` when ``companion_steps`` is 0 (the packaged
+    #: configs use 0.25: chosen on a selection cohort, docs/benchmarks/sequences/selection)
+    companion_fraction: float = 0.0
     companion_lr: float = 3e-3  #: the companion's learning rate (after a warm-up of a tenth of its steps)
 
     def __post_init__(self) -> None:
-        if self.companion_steps < 0 or not self.companion_lr > 0:
-            raise MensegError("seqdrop.companion_steps must be at least 0 and seqdrop.companion_lr positive")
+        if self.companion_steps < 0 or not self.companion_lr > 0 or not 0.0 <= self.companion_fraction <= 4.0:
+            raise MensegError("seqdrop.companion_steps must be at least 0, seqdrop.companion_fraction in "
+                              "[0, 4] and seqdrop.companion_lr positive")
         if not 0.0 <= self.p_drop <= 1.0:
             raise MensegError(f"seqdrop.p_drop must be in [0, 1], got {self.p_drop}")
         if self.max_drop < 0:
@@ -593,9 +599,22 @@ def presence_input(cfg: Config) -> bool:
     return cfg.seqdrop.enabled and not cfg.ism.modal.enabled and not has_companion(cfg)
 
 
+def companion_steps(cfg: Config) -> int:
+    """Steps of the run's companion for incomplete scans: ``seqdrop.companion_steps``, else
+    ``seqdrop.companion_fraction`` of ``train.steps`` (at least 1 when the fraction is positive); 0 when
+    the run has no companion (sequence dropout off, or ISM's modal fusion in its place)."""
+    sd = cfg.seqdrop
+    if not sd.enabled or cfg.ism.modal.enabled:
+        return 0
+    if sd.companion_steps:
+        return sd.companion_steps
+    return max(1, round(sd.companion_fraction * cfg.train.steps)) if sd.companion_fraction > 0 else 0
+
+
 def has_companion(cfg: Config) -> bool:
-    """Whether the run trains a companion network for incomplete scans (``seqdrop.companion_steps``)."""
-    return cfg.seqdrop.enabled and not cfg.ism.modal.enabled and cfg.seqdrop.companion_steps > 0
+    """Whether the run trains a companion network for incomplete scans (``seqdrop.companion_steps`` or
+    ``seqdrop.companion_fraction``)."""
+    return companion_steps(cfg) > 0
 
 
 def accepts_subsets(cfg: Config) -> bool:
@@ -619,6 +638,18 @@ def with_legacy_values(stored: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(k, {}) if isinstance(node.get(k, {}), dict) else {}
         node.setdefault(leaf, value)
     return out
+
+
+def off_in_both(key: str, then: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether flat config ``key`` belongs to a section switched off in both flat configs (a
+    ``<section>.enabled`` that is False in each): its value changes nothing either run did (e.g. the
+    dropout schedule of two runs without dropout), so comparing runs may leave it out."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        flag = ".".join(parts[:i]) + ".enabled"
+        if flag != key and then.get(flag) is False and now.get(flag) is False:
+            return True
+    return False
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -52,7 +52,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from menseg.config import LEGACY_VALUES, PACKAGED_CONFIGS, Config, flat_config, load_config, to_dict
+from menseg.config import (
+    LEGACY_VALUES,
+    PACKAGED_CONFIGS,
+    Config,
+    flat_config,
+    load_config,
+    off_in_both,
+    to_dict,
+)
 from menseg.data.layouts import CaseFiles, discover_cases
 from menseg.errors import MensegError
 from menseg.utils import (
@@ -465,12 +473,14 @@ class RunSpec:
         A key the stored run did not have (a config option added to menseg later) counts
         as equal when this run leaves it at its default, or, for a key whose default changed
         what a run does, at the value runs had before it (:data:`menseg.config.LEGACY_VALUES`);
-        machine-specific keys (paths, device: :data:`MACHINE_KEYS`) are not compared.
+        machine-specific keys (paths, device: :data:`MACHINE_KEYS`) are not compared, nor the keys of a
+        section switched off in both runs (:func:`menseg.config.off_in_both`).
         """
         now = self.identity()
         default = {**flat_config(to_dict(Config())), **LEGACY_VALUES}
         keys = (set(now) | set(stored)) - set(MACHINE_KEYS)
-        return sorted(k for k in keys if (stored[k] if k in stored else default.get(k)) != now.get(k))
+        then = {k: stored[k] if k in stored else default.get(k) for k in keys}
+        return sorted(k for k in keys if then.get(k) != now.get(k) and not off_in_both(k, then, now))
 
 
 def variant_name(variant: str) -> str:

@@ -1,4 +1,4 @@
-"""Sequence dropout as a training part (``seqdrop.enabled``; off by default, see docs/DESIGN.md, Decisions).
+"""Sequence dropout as a training part (``seqdrop.enabled`` without a companion; docs/DESIGN.md, Decisions).
 
 Real archives are incomplete (contrast-enhanced T1 only in radiotherapy cohorts, follow-ups without
 FLAIR or T2, older studies with FLAIR and a non-contrast T1). After augmentation each training sample

@@ -81,14 +81,16 @@ def lr_at(tc: Any, step: int) -> float:
 
 
 def _check_resume_config(cfg: Config, stored: dict[str, Any], path: Path) -> None:
-    from menseg.config import from_dict, with_legacy_values
+    from menseg.config import from_dict, off_in_both, with_legacy_values
 
     now = flat_config(to_dict(cfg))
     try:  # options added to menseg after the run started count at their default (or legacy value)
         then = flat_config(to_dict(from_dict(Config, with_legacy_values(stored))))
     except MensegError:
         then = flat_config(stored)
-    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    # keys of a section switched off in both (e.g. the dropout schedule without dropout) change nothing
+    changed = sorted(k for k in set(now) | set(then)
+                     if now.get(k) != then.get(k) and not off_in_both(k, then, now))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:
         raise MensegError(
@@ -282,21 +284,22 @@ def train(
 
 def companion_config(cfg: Config, run_dir: str | Path) -> Config:
     """The config of a run's companion for incomplete scans: the run's, fine-tuned from the network's
-    checkpoint (:func:`~menseg.checkpoint.run_checkpoint`) for ``seqdrop.companion_steps`` steps at
+    checkpoint (:func:`~menseg.checkpoint.run_checkpoint`) for :func:`~menseg.config.companion_steps` at
     ``seqdrop.companion_lr`` (warm-up over a tenth of them) with sequence dropout and the presence input,
     in ``<run>/companion``, on the run's preprocessing cache."""
     from menseg.checkpoint import COMPANION, run_checkpoint
+    from menseg.config import companion_steps
 
     sd, tc = cfg.seqdrop, cfg.train
     run_dir = Path(run_dir)
-    k = sd.companion_steps
+    k = companion_steps(cfg)
     return replace(
         cfg, out_dir=str(run_dir / COMPANION),
         data=replace(cfg.data, cache_dir=str(cache_dir(cfg, run_dir))),
         model=replace(cfg.model, init=str(run_checkpoint(run_dir))),
         train=replace(tc, steps=k, lr=sd.companion_lr, warmup_steps=max(1, k // 10), freeze_encoder_steps=0,
                       val_every=min(tc.val_every, k), checkpoint_every=min(tc.checkpoint_every, k)),
-        seqdrop=replace(sd, companion_steps=0))
+        seqdrop=replace(sd, companion_steps=0, companion_fraction=0.0))
 
 
 def _occupied(out: Path) -> bool:
