@@ -110,3 +110,28 @@ def test_bench_longitudinal(tmp_path: Path) -> None:
         run_longitudinal(tmp_path / "long", str(variant), str(_profile(tmp_path)),
                          LongitudinalSpec(n_train=3, n_test=1, visits=2, spacing_mm=4.0), device="cpu",
                          progress=False)
+
+
+def test_a_missing_run_for_one_variant_keeps_the_others_rows(tmp_path: Path) -> None:
+    from menseg.bench.ism import _earlier_rows, missing_table
+
+    def row(variant: str, case: str, kept: str = "t1c t1n t2f t2w", dice: float = 0.5) -> dict:
+        return {"variant": variant, "seed": 0, "kept": kept, "dropped": "none", "case": case,
+                "modal_fusion": False, "ET_lesion_dice": dice, "TC_lesion_dice": dice, "WT_lesion_dice": dice}
+
+    old = [row("a", "C1", dice=0.25), row("a", "C2")]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(old[0]))
+    w.writeheader()
+    w.writerows(old)
+    (tmp_path / "missing.csv").write_text(buf.getvalue())
+    (tmp_path / "missing.md").write_text(missing_table(old, 10))
+    new = [row("b", "C1"), row("b", "C2")]
+    kept = _earlier_rows(tmp_path, new, 10)
+    assert [(r["variant"], r["case"], r["WT_lesion_dice"]) for r in kept] == [("a", "C1", 0.25),
+                                                                              ("a", "C2", 0.5)]
+    assert _earlier_rows(tmp_path, new, 5) == []  # another N
+    assert _earlier_rows(tmp_path, [row("b", "C1")], 10) == []  # other cases
+    assert _earlier_rows(tmp_path, [row("a", "C1"), row("a", "C2")], 10) == []  # predicted again: replaced

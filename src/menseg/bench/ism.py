@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,7 @@ def run_missing(
                 )
                 bar.update(1)
     bar.close()
+    rows = _earlier_rows(out, rows, n) + rows
     keys = list(rows[0])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
@@ -194,6 +196,34 @@ def run_missing(
     write_text_atomic(out / "missing.md", table)
     log.info("missing-sequence results in %s", out)
     return out
+
+
+def _earlier_rows(out: Path, rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The rows of an earlier ``missing.csv`` in ``out`` for variants this run did not predict, when that
+    run measured the same N, conditions and cases (so a run for one new variant adds to the table instead
+    of replacing it); otherwise none (logged)."""
+    path, table = out / "missing.csv", out / "missing.md"
+    if not path.is_file() or not table.is_file():
+        return []
+    m = re.search(r"\(N = (\d+) labelled", table.read_text())
+    old = list(csv.DictReader(io.StringIO(path.read_text())))
+    done = {r["variant"] for r in rows}
+    keep = [r for r in old if r["variant"] not in done]
+    if not keep:
+        return []
+    grid = {(r["kept"], r["case"]) for r in rows}
+    if m is None or int(m.group(1)) != n or any((r["kept"], r["case"]) not in grid for r in keep):
+        log.info("%s: the earlier rows (%s) were measured on other conditions, cases or N: not kept", path,
+                 ", ".join(sorted({r["variant"] for r in keep})))
+        return []
+    log.info("%s: keeping the earlier rows of %s", path, ", ".join(sorted({r["variant"] for r in keep})))
+    for r in keep:
+        r["seed"] = int(r["seed"])
+        r["modal_fusion"] = r["modal_fusion"] == "True"
+        for k in list(r):
+            if k.endswith("_lesion_dice"):
+                r[k] = float(r[k])
+    return keep
 
 
 def missing_table(rows: Sequence[dict[str, Any]], n: int) -> str:
