@@ -157,6 +157,28 @@ def run_files(run_dir: str | Path) -> list[str]:
     return found + ([f"{COMPANION}/"] if (Path(run_dir) / COMPANION).is_dir() else [])
 
 
+def companion_state(path: str | Path, state: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The companion for incomplete scans of checkpoint ``path`` (its dict ``state``), and how to name it:
+    the checkpoint's own ``companion`` entry (an exported model, named ``<path>#companion``), else the
+    checkpoint of ``companion/`` beside it (a run folder, named by its path); None when the run trains no
+    companion (``config.has_companion``). MensegError when it should have one but its folder is missing
+    (the run stopped before its companion finished)."""
+    from menseg.config import has_companion
+
+    path = Path(path)
+    if not has_companion(config_from_checkpoint(state, path)):
+        return None
+    own = state.get("companion")
+    if isinstance(own, dict):
+        return own, f"{path}#companion"
+    folder = path.parent / COMPANION
+    if not folder.is_dir():
+        raise MensegError(f"this run trains a companion for incomplete scans, but {folder} is missing "
+                          "(the run stopped before it: continue it with menseg train ... --resume)", path)
+    found = run_checkpoint(folder)
+    return load_checkpoint(found), str(found)
+
+
 def config_from_checkpoint(state: dict[str, Any], path: str | Path | None = None) -> Config:
     """The run's :class:`Config` stored in a checkpoint dict."""
     d = state.get("config")
@@ -206,7 +228,8 @@ def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu", 
 
 
 __all__ = [
-    "checksum_path", "config_from_checkpoint", "load_checkpoint", "load_latest", "load_model",
+    "checksum_path", "companion_state", "config_from_checkpoint", "load_checkpoint", "load_latest",
+    "load_model",
     "load_model_and_state", "model_from_state",
     "previous_path", "save_checkpoint",
 ]

@@ -286,7 +286,7 @@ def predict(
 
     model, cfg, extras = load_model_and_state(model_path, dev)
     rules = (extras.get("postprocess") or {}).get("rules") if learned_postprocess else None
-    companion = _load_companion(model_path, cfg, extras, dev, learned_postprocess) if any(
+    companion = _load_companion(model_path, extras, dev, learned_postprocess) if any(
         c.missing for c in cases) else None
     if keep_going:  # cases the model cannot use become error rows, the rest is predicted
         usable = []
@@ -432,31 +432,18 @@ def _prior_case(
     return found[0]
 
 
-def _load_companion(model_path: Path, cfg: Config, extras: Mapping[str, Any], dev: torch.device,
-                    learned_postprocess: bool) -> tuple[torch.nn.Module, Config, Any, str] | None:
-    """``(model, cfg, rules, label)`` of the companion for incomplete scans (``seqdrop.companion_steps``):
-    the checkpoint's own ``companion`` entry (an exported model), else ``companion/`` beside the checkpoint
-    (a run folder); None when the model has none. MensegError when it should have one but does not (the run
-    stopped before its companion finished)."""
-    from menseg.checkpoint import COMPANION, model_from_state, run_checkpoint
-    from menseg.config import has_companion
+def _load_companion(model_path: Path, state: dict[str, Any], dev: torch.device, learned_postprocess: bool
+                    ) -> tuple[torch.nn.Module, Config, Any, str] | None:
+    """``(model, cfg, rules, label)`` of the companion for incomplete scans
+    (:func:`~menseg.checkpoint.companion_state`), or None when the model has none."""
+    from menseg.checkpoint import companion_state, model_from_state
 
-    if not has_companion(cfg):
+    found = companion_state(model_path, state)
+    if found is None:
         return None
-    if isinstance(extras.get("companion"), Mapping):
-        state = dict(extras["companion"])
-        label = f"{model_path}#companion"
-        model, ccfg = model_from_state(state, dev, label)
-    else:
-        folder = model_path.parent / COMPANION
-        if not folder.is_dir():
-            raise MensegError(f"this run trains a companion for incomplete scans, but {folder} is missing "
-                              "(the run stopped before it: continue it with menseg train ... --resume)",
-                              model_path)
-        path = run_checkpoint(folder)
-        model, ccfg, state = load_model_and_state(path, dev)
-        label = str(path)
-    rules = (state.get("postprocess") or {}).get("rules") if learned_postprocess else None
+    comp, label = found
+    model, ccfg = model_from_state(comp, dev, label)
+    rules = (comp.get("postprocess") or {}).get("rules") if learned_postprocess else None
     log.info("cases lacking a sequence are predicted by the run's companion %s", label)
     return model, ccfg, rules, label
 

@@ -253,24 +253,6 @@ def _weights(state: dict[str, Any], half: bool) -> dict[str, Any]:
     return out
 
 
-def _companion_of(checkpoint: Path, cfg: Any) -> dict[str, Any] | None:
-    """The companion for incomplete scans of the run a checkpoint belongs to (``seqdrop.companion_steps``):
-    its checkpoint dict, the checkpoint's own ``companion`` entry (an exported model), or None."""
-    from menseg.checkpoint import COMPANION, load_checkpoint, run_checkpoint
-    from menseg.config import has_companion
-
-    if not has_companion(cfg):
-        return None
-    own = load_checkpoint(checkpoint).get("companion")
-    if isinstance(own, dict):
-        return own
-    folder = checkpoint.parent / COMPANION
-    if not folder.is_dir():
-        raise MensegError("this run trains a companion for incomplete scans but has none yet (finish it with "
-                          "menseg train ... --resume)", folder)
-    return load_checkpoint(run_checkpoint(folder))
-
-
 def export_model(
     source: str | os.PathLike[str],
     name: str,
@@ -294,7 +276,7 @@ def export_model(
 
     import torch
 
-    from menseg.checkpoint import config_from_checkpoint, load_checkpoint
+    from menseg.checkpoint import companion_state, config_from_checkpoint, load_checkpoint
     from menseg.utils import atomic_path, sha256_file
 
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
@@ -309,8 +291,9 @@ def export_model(
         raise MensegError(f"a model called '{name}' is already there; use --overwrite to replace it", out)
     kept = {"format": state.get("format", 1), "model": _weights(state["model"], half),
             "config": state["config"], "step": state.get("step"), "postprocess": state.get("postprocess")}
-    companion = _companion_of(src_path, cfg)
-    if companion is not None:  # the network for incomplete scans travels in the same file
+    found = companion_state(src_path, state)
+    if found is not None:  # the network for incomplete scans travels in the same file
+        companion = found[0]
         kept["companion"] = {"model": _weights(companion["model"], half), "config": companion["config"],
                              "step": companion.get("step"), "postprocess": companion.get("postprocess")}
     with atomic_path(weights) as tmp:
