@@ -107,13 +107,16 @@ def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of ``model``'s encoder: a DynUNet's first block (with its presence stem), downsampling
     stages and bottleneck; for an ISM network, those of its backbone plus its modal-fusion stem (what reads
     the images). ``train.freeze_encoder_steps`` holds these still."""
+    from menseg.nets.unet import encoder_blocks
+
     net = getattr(model, "net", model)
-    parts = [getattr(net, n) for n in ("input_block", "downsamples", "bottleneck")]
+    try:
+        parts: list[nn.Module] = encoder_blocks(net)  # type: ignore[arg-type]
+    except AttributeError:
+        raise MensegError(f"cannot find the encoder of {type(net).__name__} (expected a DynUNet)") from None
     stem = getattr(model, "stem", None) if net is not model else None
     if stem is not None:
         parts.append(stem)
-    if not all(isinstance(p, nn.Module) for p in parts):
-        raise MensegError(f"cannot find the encoder of {type(net).__name__} (expected a DynUNet)")
     seen: dict[int, nn.Parameter] = {}
     for part in parts:
         for q in part.parameters():

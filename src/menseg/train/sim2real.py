@@ -26,6 +26,7 @@ Randomness: ``"s2r-sources"`` (the offset ``u_0``), ``"s2r-inject"`` (per scan a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -242,40 +243,31 @@ def inject_pool(
     return out
 
 
-def _translator_path(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
-                     real: Sequence[tuple[str, np.ndarray]], cache: Path) -> Path:
-    """``sim2real.translator.path``, or where the translator fitted for this pool and these scans is cached
-    (the digest covers the pool, the real scans, the translator settings and the seed)."""
-    from menseg.sim2real.translator import NOT_FIT
-
-    tc = cfg.sim2real.translator
-    if tc.path:
-        return Path(tc.path)
-    settings = {k: v for k, v in to_dict(tc).items() if k not in NOT_FIT}
-    what: dict[str, Any] = {"synthetic": [c for c, _, _ in synthetic], "real": [c for c, _ in real],
-                            "settings": settings, "seed": cfg.train.seed, "spacing": list(cfg.data.spacing)}
-    if not cfg.sim2real.stream.default:  # stream cases are named by index: their recipe tells them apart
-        what["stream"] = to_dict(cfg.sim2real.stream)
-    key = json_digest(what)[:12]
-    return cache / "sim2real" / f"translator-{key}" / "translator.pt"
-
-
-def translated(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
-               real: Sequence[tuple[str, np.ndarray]], cache: Path, device: str,
-               progress: bool = True) -> tuple[list[np.ndarray], float]:
-    """The synthetic images carried to the real scans' appearance, and the seconds spent fitting.
+def fitted_translator(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                      real: Sequence[tuple[str, np.ndarray]], cache: Path, device: str,
+                      progress: bool = True) -> tuple[nn.Module, float]:
+    """The sim->real generator of the run (loaded on ``device``), and the seconds spent fitting it.
 
     ``sim2real.translator.path`` names a fitted translator; otherwise one is fitted from ``synthetic``
     and ``real`` and cached under ``cache/sim2real/translator-<digest>`` (the digest covers the pool,
-    the real scans, the translator settings and the seed, so every run of a benchmark seed shares it).
+    the real scans, the translator settings, the seed and a stream's recipe, so every run of a benchmark
+    seed shares it).
     """
-    from menseg.sim2real.translator import fit_translator, load_translator, translate_image
+    from menseg.sim2real.translator import NOT_FIT, fit_translator, load_translator
 
     tc = cfg.sim2real.translator
     fit_seconds = 0.0
-    path = _translator_path(cfg, synthetic, real, cache)
-    if not tc.path:
-        folder = path.parent
+    if tc.path:
+        path = Path(tc.path)
+    else:
+        settings = {k: v for k, v in to_dict(tc).items() if k not in NOT_FIT}
+        what: dict[str, Any] = {"synthetic": [c for c, _, _ in synthetic], "real": [c for c, _ in real],
+                                "settings": settings, "seed": cfg.train.seed,
+                                "spacing": list(cfg.data.spacing)}
+        if not cfg.sim2real.stream.default:  # stream cases are named by index: their recipe tells them apart
+            what["stream"] = to_dict(cfg.sim2real.stream)
+        folder = cache / "sim2real" / f"translator-{json_digest(what)[:12]}"
+        path = folder / "translator.pt"
         if not path.is_file():
             import time
 
@@ -286,8 +278,15 @@ def translated(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarra
                            resume=(folder / "latest.pt").is_file(), progress=progress,
                            spacing=tuple(cfg.data.spacing))  # type: ignore[arg-type]
             fit_seconds = time.perf_counter() - t0
-    gen = load_translator(path, device=device)
-    return [translate_image(gen, img) for _, img, _ in synthetic], fit_seconds
+    return load_translator(path, device=device), fit_seconds
+
+
+def _translate_cases(gen: nn.Module, cases: list[tuple[str, np.ndarray, np.ndarray]]
+                     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """A generation of stream cases carried to the real scans' appearance by ``gen``."""
+    from menseg.sim2real.translator import translate_image
+
+    return [(cid, translate_image(gen, img), lab) for cid, img, lab in cases]
 
 
 # ---------------------------------------------------------------- alignment
@@ -374,22 +373,6 @@ def _stream(cfg: Config) -> Any:
     return RollingPool(source.case, cfg.sim2real.n_synthetic, max(sc.refresh_every, 1), sc.prefetch)
 
 
-def _translate_with(cfg: Config, synthetic: Sequence[tuple[str, np.ndarray, np.ndarray]],
-                    real: Sequence[tuple[str, np.ndarray]], cache: Path, device: torch.device) -> Any:
-    """A function translating a generation of stream cases with the run's (already fitted) translator."""
-    from menseg.sim2real.translator import load_translator, translate_image
-
-    path = _translator_path(cfg, synthetic, real, cache)
-    gen = load_translator(path, device=str(device))
-
-    Case = tuple[str, np.ndarray, np.ndarray]
-
-    def translate(cases: list[Case]) -> list[Case]:
-        return [(cid, translate_image(gen, img), lab) for cid, img, lab in cases]
-
-    return translate
-
-
 def _unlabelled(cfg: Config, cache: Path) -> list[tuple[str, np.ndarray]]:
     from menseg.data.dataset import preprocess_dataset
     from menseg.data.layouts import discover_cases
@@ -424,10 +407,13 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
     if s2r.translator.enabled and synthetic:
         if not real_scans:
             raise MensegError("sim2real.translator needs real scans (data.unlabeled_root or labelled cases)")
-        syn_images, info["translator_fit_seconds"] = translated(cfg, synthetic, real_scans, cache,
+        from menseg.sim2real.translator import translate_image
+
+        gen, info["translator_fit_seconds"] = fitted_translator(cfg, synthetic, real_scans, cache,
                                                                 str(device), progress)
+        syn_images = [translate_image(gen, img) for img in syn_images]
         if stream is not None:  # later generations are translated as they are made
-            stream.transform = _translate_with(cfg, synthetic, real_scans, cache, device)
+            stream.transform = functools.partial(_translate_cases, gen)
     injected = []
     if s2r.inject.enabled:
         hosts = unlabelled if s2r.inject.into == "both" or not labelled else []

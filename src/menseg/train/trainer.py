@@ -269,7 +269,7 @@ def train(
     if has_companion(cfg) and (stop_at is None or stop_at >= tc.steps):
         ddp.barrier(ctx)  # the companion starts from the network's final files
         comp = companion_config(cfg, out)
-        again = any((Path(comp.out_dir) / n).is_file() for n in ("latest.pt", "latest.prev.pt"))
+        again = _resumable(Path(comp.out_dir))
         log.info("training the companion for incomplete scans (%d steps with sequence dropout) in %s",
                  comp.train.steps, comp.out_dir)
         train(comp, resume=again, progress=progress)
@@ -325,12 +325,17 @@ def _occupied(out: Path) -> bool:
     return True
 
 
+def _resumable(out: Path) -> bool:
+    """Whether run folder ``out`` holds a checkpoint ``--resume`` can continue from."""
+    return (out / "latest.pt").is_file() or (out / "latest.prev.pt").is_file()
+
+
 def preflight(cfg: Config, resume: bool) -> None:
     """The checks worth failing on before any process starts or anything is written: a run folder that
     holds another run (or is not ours), ``--resume`` without a checkpoint, a dataset that is not there."""
     out = Path(cfg.out_dir)
     if resume:
-        if not (out / "latest.pt").is_file() and not (out / "latest.prev.pt").is_file():
+        if not _resumable(out):
             raise MensegError("nothing to resume: no latest.pt in the run folder", out)
     elif _occupied(out):
         raise MensegError(NOT_EMPTY, out)
@@ -530,17 +535,14 @@ def _train(
             loss = loss_fn(outputs, target, known, regions)
             if extra_loss is not None:
                 loss = loss + extra_loss
-            hold = frozen if step < tc.freeze_encoder_steps else []
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            _drop_grads(frozen if step < tc.freeze_encoder_steps else [])
             if scaler is not None:
-                scaler.scale(loss).backward()
-                _drop_grads(hold)
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 scaler.step(opt)
                 scaler.update()
             else:
-                loss.backward()
-                _drop_grads(hold)
                 nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 opt.step()
             done = step + 1
