@@ -102,7 +102,7 @@ def test_mixed_forward_shapes_and_effect() -> None:
     xa, xb = _x(0), _x(1)
     fb = _batch(3)
     assert fb.any_mixed and all(f is not None for f in fb.fields)
-    xb_full = gather_partner(xa, fb, location=xb, synthetic=xb)
+    xb_full = gather_partner(xa, fb, xb)
     out = mixer.mix_forward(net, xa, xb_full if fb.needs_partner_input else None, fb)
     assert out.shape == net(xa).shape == (2, 3, 3, *PATCH)
     assert not torch.allclose(out, net(xa))
@@ -165,13 +165,13 @@ def test_gradient_flows_into_the_fusion() -> None:
     xa, xb = _x(0), _x(1)
     fb = _batch(3)
     g0, g_last = mixer.fusions["2"].g[0], mixer.fusions["2"].g[-1]
-    mixer.mix_forward(net, xa, gather_partner(xa, fb, xb, xb), fb).square().mean().backward()
+    mixer.mix_forward(net, xa, gather_partner(xa, fb, xb), fb).square().mean().backward()
     assert g_last.weight.grad.abs().sum() > 0 and g_last.bias.grad.abs().sum() > 0
     assert g0.weight.grad.abs().sum() == 0  # behind a zero conv at init
     assert all(p.grad is not None for p in net.parameters())
     mixer.zero_grad()
     _perturb_g(mixer)
-    mixer.mix_forward(net, xa, gather_partner(xa, fb, xb, xb), fb).square().mean().backward()
+    mixer.mix_forward(net, xa, gather_partner(xa, fb, xb), fb).square().mean().backward()
     assert g0.weight.grad.abs().sum() > 0
 
 
@@ -200,7 +200,7 @@ def test_replay_from_seed() -> None:
 
     def run(seed: int) -> torch.Tensor:
         fb = _batch(seed)
-        return mixer.mix_forward(net, xa, gather_partner(xa, fb, xb, xb), fb)
+        return mixer.mix_forward(net, xa, gather_partner(xa, fb, xb), fb)
 
     assert torch.equal(run(11), run(11))
     assert not torch.allclose(run(11), run(12))
@@ -227,14 +227,14 @@ def test_sample_field_batch() -> None:
 
 
 def test_gather_partner_rows() -> None:
-    x = torch.arange(3.0)[:, None]
-    loc, syn = 10 + x, 20 + x
-    fb = FieldBatch((None, None, None), (None, "location", "synthetic"), SPACING)
-    assert gather_partner(x, fb, loc, syn)[:, 0].tolist() == [0.0, 11.0, 22.0]
-    fb = FieldBatch((None, None, None), ("batch", "batch", None), SPACING)
-    assert gather_partner(x, fb)[:, 0].tolist() == [2.0, 0.0, 2.0]
+    x = torch.arange(4.0)[:, None]
+    other = 10 + x  # each non-batch partner's own row, whatever its source
+    fb = FieldBatch((None,) * 4, (None, "location", "synthetic", "unlabelled"), SPACING)
+    assert gather_partner(x, fb, other)[:, 0].tolist() == [0.0, 11.0, 12.0, 13.0]
+    fb = FieldBatch((None,) * 4, ("batch", "batch", None, None), SPACING)
+    assert gather_partner(x, fb)[:, 0].tolist() == [3.0, 0.0, 2.0, 3.0]
     with pytest.raises(MensegError):
-        gather_partner(x, FieldBatch((None,) * 3, (None, "location", None), SPACING))
+        gather_partner(x, FieldBatch((None,) * 4, (None, "location", None, None), SPACING))
 
 
 def test_config_validation() -> None:

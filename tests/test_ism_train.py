@@ -144,6 +144,69 @@ def test_synthetic_partner_pool(data: Path, tmp_path: Path) -> None:
     assert recs[-1]["ism_mixed"] == 2.0
 
 
+def test_unlabelled_partners_target_the_networks_own_prediction(data: Path, tmp_path: Path) -> None:
+    """The ``unlabelled`` source: partner patches from data.unlabeled_root, whose targets are the
+    network's own probabilities on the partner alone (a consistency term), not a label."""
+    from menseg.data.sampling import PatchSampler
+    from menseg.train.ism import ISMStep
+
+    rng = np.random.default_rng(3)
+    lab = np.zeros((24, 24, 24), np.uint8)
+    lab[8:14, 8:14, 8:14] = 3
+    real = PatchSampler([(rng.normal(size=(4, 24, 24, 24)).astype(np.float32), lab) for _ in range(2)],
+                        (16, 16, 16), 1.0)
+    unl = PatchSampler([(rng.normal(size=(4, 24, 24, 24)).astype(np.float32), np.zeros_like(lab))],
+                       (16, 16, 16), 0.0)
+    cfg = load_config("ism", [*TINY, "ism.modal.enabled=false", "ism.spatial.sources=[unlabelled]",
+                              "ism.spatial.keep_tumour=false", "aug.p_flip=0", "aug.p_rotate=0",
+                              "aug.p_scale=0", "aug.p_elastic=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # a network that predicts something: its output layer's bias raised
+        for name, prm in model.named_parameters():
+            if name.startswith("net.output_block") and name.endswith("bias"):
+                prm.add_(2.0)
+    step = ISMStep(cfg, model, real, None, unl)
+    img_np, lab_np = real.batch(np.random.default_rng(1), 2)
+    img, y = torch.from_numpy(img_np), torch.from_numpy(lab_np)
+    captured = {}
+    orig = model.mix_forward
+
+    def spy(xa, xb, fb, present=None, keep=None):  # noqa: ANN001, ANN202
+        captured.update(xb=xb, fb=fb)
+        return orig(xa, xb, fb, present, keep)
+
+    model.mix_forward = spy  # type: ignore[method-assign]
+    _, target, stats = step.forward(0, img, y, [0, 1])
+    assert stats["ism_mixed"] == 2.0 and stats["ism_unlabelled"] == 2.0
+    xb, fb = captured["xb"], captured["fb"]
+    model.mix_forward = orig  # type: ignore[method-assign]
+    with torch.no_grad():
+        own = torch.sigmoid(model(xb)[:, 0].float())  # the partner's prediction alone
+    lam = fb.on_grid(img.shape[2:])
+    expected = lam * labels_to_regions(y) + (1 - lam) * own
+    assert torch.allclose(target, expected, atol=1e-6)
+    assert float(own.mean()) > 0.5  # not the partner's (empty) label: its prediction is the target
+    # without data.unlabeled_root the source is refused in one line, before any work
+    with pytest.raises(MensegError, match="data.unlabeled_root"):
+        train(load_config("ism", [f"data={data / 'data'}", f"out_dir={tmp_path / 'x'}", *TINY,
+                                  "ism.spatial.sources=[unlabelled]"]), progress=False)
+
+
+def test_unlabelled_partner_training_replays(data: Path, tmp_path: Path) -> None:
+    def cfg(out: str) -> Config:
+        return load_config("ism", [
+            f"data={data / 'data'}", f"data.cache_dir={data / 'cache'}", f"out_dir={tmp_path / out}",
+            "train.steps=3", *TINY, "ism.modal.enabled=false", "ism.spatial.sources=[batch,unlabelled]",
+            f"data.unlabeled_root={data / 'data'}"])
+
+    a, b = train(cfg("a"), progress=False), train(cfg("b"), progress=False)
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    recs = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["ism_unlabelled"] for r in recs) > 0
+
+
 # ---------------------------------------------------------------- prediction
 
 

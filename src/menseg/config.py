@@ -151,8 +151,12 @@ class InferConfig:
             raise MensegError(f"infer.stitch must be one of {', '.join(STITCH_MODES)}, got '{self.stitch}'")
 
 
-#: Where the partner *b* of a spatial mix can come from (``ism.spatial.sources``).
-ISM_SOURCES: tuple[str, ...] = ("batch", "location", "synthetic")
+#: Where the partner *b* of a spatial mix can come from (``ism.spatial.sources``): another case of the
+#: batch, another place of the same case, a synthetic case, or an unlabelled scan
+#: (``data.unlabeled_root``) whose target is the network's own prediction on it (a consistency term).
+ISM_SOURCES: tuple[str, ...] = ("batch", "location", "synthetic", "unlabelled")
+#: The default partners (``unlabelled`` needs ``data.unlabeled_root``, so it is opt-in).
+ISM_DEFAULT_SOURCES: tuple[str, ...] = ("batch", "location", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -186,9 +190,10 @@ class SpatialMixConfig:
     #: encoder levels mixed through the learned fusion (0 = full resolution); the shallower skips are
     #: blended with the same field and the deeper levels recomputed from the deepest mixed level
     levels: tuple[int, ...] = (2,)
-    sources: tuple[str, ...] = ISM_SOURCES  #: what the partner b can be (see :data:`ISM_SOURCES`)
+    sources: tuple[str, ...] = ISM_DEFAULT_SOURCES  #: what the partner b can be (see :data:`ISM_SOURCES`)
     #: probability that a ``location`` / ``synthetic`` partner patch is centred on tumour (else
-    #: anywhere): mixing then brings lesion from elsewhere into the patch instead of diluting it
+    #: anywhere): mixing then brings lesion from elsewhere into the patch instead of diluting it;
+    #: an ``unlabelled`` partner is anywhere (its tumour is unknown)
     partner_fg: float = 1.0
     #: keep the sample's own tumour (WT, dilated by ``keep_margin_mm``) whatever the field: a mix then
     #: adds the partner around the lesion instead of cutting the lesion away

@@ -142,3 +142,16 @@ def preprocess_dataset(
         out.append(loaded)
     log.info("preprocessed %d cases into %s (%d reused from cache)", len(out), cache_dir, n_reused)
     return out
+
+
+def unlabelled_scans(
+    root: str | Path, cache_dir: str | Path, spacing: Sequence[float], progress: bool = True
+) -> list[tuple[str, np.ndarray]]:
+    """``(case id, preprocessed image)`` of every scan under ``root`` (``data.unlabeled_root``: any
+    layout; labels, if any, are ignored), cached like :func:`preprocess_dataset`."""
+    from menseg.data.layouts import discover_cases
+
+    cases = discover_cases(root)
+    if not cases:
+        raise MensegError("data.unlabeled_root holds no scans", root)
+    return [(c.case_id, np.asarray(c.image)) for c in preprocess_dataset(cases, cache_dir, spacing, progress)]

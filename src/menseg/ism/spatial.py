@@ -1,7 +1,8 @@
 """Spatial mixing in the U-Net's feature space (training only).
 
 A training sample *a* is mixed, with probability ``p``, with a partner *b* (another case of the
-batch, another location of the same case, or a synthetic case) through one implicit field
+batch, another location of the same case, a synthetic case, or an unlabelled scan whose target is
+the network's own prediction on it) through one implicit field
 ``lambda`` (:mod:`menseg.ism.fields`; 1 = take *a*), sampled per mix:
 
 1. encode *a* and *b* up to level ``D = max(cfg.levels)`` (:func:`menseg.nets.unet.encode`);
@@ -81,8 +82,8 @@ class FieldBatch:
 
     @property
     def needs_partner_input(self) -> bool:
-        """Whether some mixed sample's partner is not in the batch (``location``/``synthetic``),
-        so :meth:`SpatialMixer.mix_forward` needs an ``xb`` (see :func:`gather_partner`)."""
+        """Whether some mixed sample's partner is not in the batch (``location``, ``synthetic``,
+        ``unlabelled``), so :meth:`SpatialMixer.mix_forward` needs an ``xb`` (see :func:`gather_partner`)."""
         return any(f is not None and s != "batch" for f, s in zip(self.fields, self.sources, strict=True))
 
     def on_grid(
@@ -153,12 +154,11 @@ def batch_partner(x: Tensor) -> Tensor:
     return x.roll(1, 0)
 
 
-def gather_partner(
-    x: Tensor, fb: FieldBatch, location: Tensor | None = None, synthetic: Tensor | None = None
-) -> Tensor:
+def gather_partner(x: Tensor, fb: FieldBatch, other: Tensor | None = None) -> Tensor:
     """Per-sample partners of ``x`` (images ``(B, C, ...)`` or targets) according to ``fb.sources``:
-    ``batch`` -> :func:`batch_partner`, ``location``/``synthetic`` -> that tensor's row ``b``; samples
-    that are not mixed get their own row (ignored by the mix)."""
+    ``batch`` -> :func:`batch_partner`; any other source (``location``, ``synthetic``, ``unlabelled``)
+    -> row ``b`` of ``other``, which holds each such sample's own partner; samples that are not mixed
+    get their own row (ignored by the mix)."""
     rows = []
     rolled = batch_partner(x)
     for b, src in enumerate(fb.sources):
@@ -167,7 +167,6 @@ def gather_partner(
         elif src == "batch":
             rows.append(rolled[b])
         else:
-            other = location if src == "location" else synthetic
             if other is None:
                 raise MensegError(f"sample {b} is mixed with a '{src}' partner, but none was given")
             rows.append(other[b])

@@ -10,6 +10,12 @@ like the rest of the trainer, so ISM runs replay bit for bit and resume exactly:
   source (another place of the same case) and of the ``synthetic`` source (a patch of a
   synthetic case from the run's synthetic pool), centred on tumour with probability
   ``ism.spatial.partner_fg``;
+- ``"ism-unlabelled"`` (per sample): the partner patch of the ``unlabelled`` source (anywhere in a
+  scan of ``data.unlabeled_root``). Its target is the network's own prediction on the augmented
+  partner alone (sigmoid of the full-resolution output, computed without gradient in the same
+  step): where the field takes the partner, the mixed sample must predict what the network
+  predicts for that scan unmixed, a consistency term between a scan and its mixed self that uses
+  unlabelled scans (ICT / MixMatch-style interpolation consistency, here in feature space);
 - ``"aug-partner"`` (per sample): the partner patch's own augmentation;
 - ``"ism-temporal"`` (per step): on visit pairs, which samples become an intermediate disease
   state, where on the way (``s``) and with which field.
@@ -24,7 +30,8 @@ the local progression ``w(p, t)``, labels interpolated through signed distances 
 ``w`` on the label grid; the prior is then fused with the gap ``s * gap``). Spatial mixing does not
 run on visit steps.
 
-Partners are cut and augmented only for the samples that use them. The synthetic pool is
+Partners are cut and augmented only for the samples that use them; the pseudo-target of an
+``unlabelled`` partner costs one forward pass without gradient of those samples. The synthetic pool is
 ``ism.n_synthetic`` cases from the synthetic engine's default (procedural) appearance model,
 generated once per run folder at the run's spacing and preprocessed like the real cases; it is
 not the user's scanner, so it adds lesion shapes and places, not a copy of the test domain.
@@ -69,6 +76,21 @@ def synthetic_pool(cfg: Config, out: Path, cache: Path) -> PatchSampler:
     return PatchSampler([(c.image, c.label) for c in pre], cfg.train.patch_size, cfg.train.fg_oversample)
 
 
+_NO_UNLABELLED = ("ism.spatial.sources 'unlabelled' needs data.unlabeled_root (scans without labels); "
+                  "set data.unlabeled_root=DIR or remove it from the sources")
+
+
+def unlabelled_pool(cfg: Config, cache: Path, progress: bool = True) -> PatchSampler:
+    """Patch sampler over the scans of ``data.unlabeled_root`` (for the ``unlabelled`` partner source)."""
+    from menseg.data.dataset import unlabelled_scans
+
+    if not cfg.data.unlabeled_root:
+        raise MensegError(_NO_UNLABELLED)
+    scans = unlabelled_scans(cfg.data.unlabeled_root, cache, cfg.data.spacing, progress)
+    return PatchSampler([(img, np.zeros(img.shape[1:], np.uint8)) for _, img in scans],
+                        cfg.train.patch_size, 0.0)
+
+
 def _dilate(mask: Tensor, margin_mm: float, spacing: Sequence[float]) -> Tensor:
     """Binary ``(B, 1, X, Y, Z)`` mask dilated by a box of about ``margin_mm`` on each side."""
     r = [max(0, round(margin_mm / float(s))) for s in spacing]
@@ -87,12 +109,14 @@ class ISMStep:
         model: the network being trained.
         sampler: the real cases' patch sampler (for the ``location`` partner).
         synthetic: the synthetic pool's sampler (for the ``synthetic`` partner), or None.
+        unlabelled: a sampler over the unlabelled scans (for the ``unlabelled`` partner), or None.
     """
 
     cfg: Config
     model: ISMNet
     sampler: PatchSampler
     synthetic: PatchSampler | None = None
+    unlabelled: PatchSampler | None = None
 
     def _patch(
         self, sampler: PatchSampler, case: int, rng: np.random.Generator
@@ -112,19 +136,30 @@ class ISMStep:
         rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-synthetic", step, b))
         return self._patch(self.synthetic, int(rng.integers(len(self.synthetic.cases))), rng)
 
+    def _unlabelled(self, step: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.unlabelled is None:
+            raise MensegError("the 'unlabelled' mixing source needs data.unlabeled_root")
+        rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "ism-unlabelled", step, b))
+        case = int(rng.integers(len(self.unlabelled.cases)))
+        start = choose_start(self.unlabelled.cases[case][1].shape, self.unlabelled.patch_size, rng, None)
+        return self.unlabelled.extract(PatchChoice(case, start, False))
+
     def partners(
         self, step: int, fb: FieldBatch, cases: Sequence[int], like: Tensor
     ) -> tuple[Tensor, Tensor] | None:
         """Augmented partner images ``(B, 4, ...)`` and labels for rows whose source is not the batch
-        (other rows hold zeros and are never read), or None when every partner is in the batch."""
+        (other rows, and the labels of ``unlabelled`` partners, hold zeros and are never read), or None
+        when every partner is in the batch."""
         if not fb.needs_partner_input:
             return None
         rows = [(b, s) for b, (f, s) in enumerate(zip(fb.fields, fb.sources, strict=True))
-                if f is not None and s in ("location", "synthetic")]
+                if f is not None and s != "batch"]
         imgs, labs = [], []
         for b, src in rows:
             if src == "location":
                 img, lab = self._location(step, b, int(cases[b]))
+            elif src == "unlabelled":
+                img, lab = self._unlabelled(step, b)
             else:
                 img, lab = self._synthetic(step, b)
             imgs.append(torch.from_numpy(np.ascontiguousarray(img)))
@@ -138,6 +173,23 @@ class ISMStep:
             xb[b] = ai[k].to(like.device)
             yb[b] = al[k].to(like.device)
         return xb, yb
+
+    def pseudo_targets(
+        self, fb: FieldBatch, xb: Tensor, present: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(rows, targets)`` of the ``unlabelled`` partners: their row indices and the network's own
+        region probabilities ``(n, 3, X, Y, Z)`` (fp32) on each partner alone, without gradient (the
+        full-resolution output; under the step's autocast), or None when no partner is unlabelled."""
+        rows = [b for b, (f, s) in enumerate(zip(fb.fields, fb.sources, strict=True))
+                if f is not None and s == "unlabelled"]
+        if not rows:
+            return None
+        idx = torch.tensor(rows, device=xb.device)
+        with torch.no_grad():
+            out = self.model(xb[idx], present=None if present is None else present[idx])
+            if out.ndim == xb.ndim + 1:  # deep-supervision stack (B, K, 3, ...): its full-resolution head
+                out = out[:, 0]
+            return idx, torch.sigmoid(out.float())
 
     def forward(
         self, step: int, img: Tensor, lab: Tensor, cases: Sequence[int]
@@ -156,17 +208,24 @@ class ISMStep:
         g = torch.Generator().manual_seed(derive_seed(seed, "ism-spatial", step))
         fb = sample_field_batch(g, ism.spatial, bsz, img.shape[2:], self.cfg.data.spacing)
         stats["ism_mixed"] = float(sum(f is not None for f in fb.fields))
+        if "unlabelled" in ism.spatial.sources:  # every rank logs the same keys (DDP reduces them)
+            stats["ism_unlabelled"] = float(sum(f is not None and s == "unlabelled"
+                                                for f, s in zip(fb.fields, fb.sources, strict=True)))
         if not fb.any_mixed:
             return self.model(img, present=present), lab, stats
         with full_precision(img):  # partners and targets in fp32 whatever the network's autocast
             part = self.partners(step, fb, cases, img)
+        pseudo = self.pseudo_targets(fb, part[0], present) if part is not None else None
+        with full_precision(img):
             ya = labels_to_regions(lab)
             if part is None:
                 xb, yb = None, gather_partner(ya, fb)
             else:
-                loc_x, loc_y = part[0], labels_to_regions(part[1])
-                xb = gather_partner(img, fb, loc_x, loc_x)
-                yb = gather_partner(ya, fb, loc_y, loc_y)
+                other_y = labels_to_regions(part[1])
+                if pseudo is not None:
+                    other_y[pseudo[0]] = pseudo[1]
+                xb = gather_partner(img, fb, part[0])
+                yb = gather_partner(ya, fb, other_y)
             keep = None
             if ism.spatial.keep_tumour:
                 keep = _dilate(ya[:, 2:3], ism.spatial.keep_margin_mm, self.cfg.data.spacing)
@@ -306,7 +365,8 @@ class ISMPart(Part):
     pairs with temporal fusion and mixing (:class:`VisitStep`)."""
 
     name = "ism"
-    count_stats = frozenset({"ism_mixed", "ism_dropped", "ism_with_prior", "ism_temporal_mixed"})
+    count_stats = frozenset({"ism_mixed", "ism_unlabelled", "ism_dropped", "ism_with_prior",
+                             "ism_temporal_mixed"})
     runs_on = frozenset({"cases", "visit pairs"})
     sample_hint = ("a longitudinal data.root with ism.temporal; use a BraTS / nnU-Net layout or switch one "
                    "of them off")
@@ -317,6 +377,11 @@ class ISMPart(Part):
         self.step: ISMStep | VisitStep | None = None
         self.sample_kind = "visit pairs" if self.visits else None
         self.owns_forward = self.visits or cfg.ism.spatial.enabled or cfg.ism.modal.enabled
+        #: the ``unlabelled`` partner source reads data.unlabeled_root (an instance's, not the class's)
+        self.uses_unlabelled = bool(cfg.ism.spatial.enabled and "unlabelled" in cfg.ism.spatial.sources
+                                    and not self.visits)
+        if self.uses_unlabelled and not cfg.data.unlabeled_root:
+            raise MensegError(_NO_UNLABELLED)
         self.unused_parameters = True  # the mixer runs on random steps, the temporal map only with a prior
 
     @classmethod
@@ -344,10 +409,12 @@ class ISMPart(Part):
         if self.visits:
             self.step = VisitStep(run.rank_cfg, run.model)  # type: ignore[arg-type]
         elif cfg.ism.spatial.enabled or cfg.ism.modal.enabled:
-            syn = None
+            syn = unl = None
             if cfg.ism.spatial.enabled and "synthetic" in cfg.ism.spatial.sources:
                 syn = synthetic_pool(cfg, run.out, run.cache)
-            self.step = ISMStep(run.rank_cfg, run.model, run.sampler, syn)  # type: ignore[arg-type]
+            if self.uses_unlabelled:
+                unl = unlabelled_pool(cfg, run.cache, run.progress)
+            self.step = ISMStep(run.rank_cfg, run.model, run.sampler, syn, unl)  # type: ignore[arg-type]
 
     def bind(self, model: nn.Module) -> None:
         if self.step is not None:
@@ -363,4 +430,4 @@ class ISMPart(Part):
 
 
 __all__ = ["ISMPart", "ISMStep", "PairBatches", "VisitStep", "is_longitudinal", "load_visits", "pack_pair",
-           "synthetic_pool"]
+           "synthetic_pool", "unlabelled_pool"]

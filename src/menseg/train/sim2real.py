@@ -373,17 +373,12 @@ def _stream(cfg: Config) -> Any:
     return RollingPool(source.case, cfg.sim2real.n_synthetic, max(sc.refresh_every, 1), sc.prefetch)
 
 
-def _unlabelled(cfg: Config, cache: Path) -> list[tuple[str, np.ndarray]]:
-    from menseg.data.dataset import preprocess_dataset
-    from menseg.data.layouts import discover_cases
+def _unlabelled(cfg: Config, cache: Path, progress: bool = True) -> list[tuple[str, np.ndarray]]:
+    from menseg.data.dataset import unlabelled_scans
 
     if not cfg.data.unlabeled_root:
         return []
-    cases = discover_cases(cfg.data.unlabeled_root)
-    if not cases:
-        raise MensegError("data.unlabeled_root holds no scans", cfg.data.unlabeled_root)
-    pre = preprocess_dataset(cases, cache, cfg.data.spacing)
-    return [(c.case_id, np.asarray(c.image)) for c in pre]
+    return unlabelled_scans(cfg.data.unlabeled_root, cache, cfg.data.spacing, progress)
 
 
 def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path, device: torch.device,
@@ -393,7 +388,7 @@ def build(cfg: Config, model: nn.Module, train_cases: Sequence[Any], cache: Path
     alignment term's own parameters (a domain classifier) are on ``device``."""
     s2r = cfg.sim2real
     labelled = [(c.case_id, np.asarray(c.image), np.asarray(c.label)) for c in train_cases]
-    unlabelled = _unlabelled(cfg, cache)
+    unlabelled = _unlabelled(cfg, cache, progress)
     real_scans = unlabelled or [(cid, img) for cid, img, _ in labelled]
     info: dict[str, Any] = {"n_labelled": len(labelled), "n_unlabelled": len(unlabelled)}
     need_syn = s2r.inject.share < 1.0 or not s2r.inject.enabled or s2r.align.method != "none"
