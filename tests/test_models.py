@@ -271,3 +271,20 @@ def test_fine_tuning_run_starts_from_the_init_and_holds_the_encoder(phantoms: Pa
     with pytest.raises(MensegError, match="model.init: this network differs from"):
         train(bad, progress=False)
     assert not (tmp_path / "bad" / "latest.pt").exists()
+
+
+def test_benchmark_identity_follows_the_init_weights(library: Path, tmp_path: Path) -> None:
+    """A benchmark run started from a named model counts as another run once that model's weights change
+    under the same name (a finished run is never silently reused for new weights)."""
+    from menseg.bench.efficiency import INIT_DIGEST_KEY, RunSpec
+    from menseg.utils import sha256_file
+
+    spec = RunSpec("finetune", 3, 0, ("A", "B", "C"), tmp_path / "r", _tiny(model={"init": "tiny"}))
+    stored = spec.identity()
+    assert stored[INIT_DIGEST_KEY] == sha256_file(library / "tiny.pt")
+    assert spec.differences(stored) == []
+    other = _checkpoint(tmp_path / "run2" / "best.pt", _tiny(), seed=9)
+    export_model(other.parent, "tiny", library, overwrite=True)  # new weights, the same name
+    assert spec.differences(stored) == [INIT_DIGEST_KEY]
+    plain = RunSpec("baseline", 3, 0, ("A", "B", "C"), tmp_path / "b", _tiny())
+    assert INIT_DIGEST_KEY not in plain.identity()

@@ -440,6 +440,10 @@ MACHINE_KEYS: tuple[str, ...] = (
     "out_dir", "data.cache_dir", "train.device", "data.root", "data.unlabeled_root")
 
 
+#: Identity key holding the sha256 of a run's ``model.init`` weights (:meth:`RunSpec.identity`).
+INIT_DIGEST_KEY = "model.init_sha256"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One (variant, N, seed) run and its resolved config.
@@ -461,10 +465,16 @@ class RunSpec:
         return f"{self.variant}/n{self.n_labeled}/seed{self.seed}"
 
     def identity(self) -> dict[str, Any]:
-        """The flattened config that defines the run (not where it is written or run)."""
+        """The flattened config that defines the run (not where it is written or run); a run started from
+        other weights (``model.init``) also records their sha256 (``model.init_sha256``), so new weights
+        under the same model name make it another run."""
         d = flat_config(to_dict(self.cfg))
         for k in MACHINE_KEYS:
             d.pop(k, None)
+        if self.cfg.model.init:
+            from menseg.models import init_digest
+
+            d[INIT_DIGEST_KEY] = init_digest(self.cfg.model.init)
         return d
 
     def differences(self, stored: dict[str, Any]) -> list[str]:

@@ -165,6 +165,17 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> tuple[Path, str]:
     return find_model(str(spec)).weights, str(spec)
 
 
+def init_digest(spec: str) -> str:
+    """sha256 of the weights ``model.init`` names (:func:`resolve_model`), so that a benchmark run started
+    from a model counts as another run when that model's weights change under the same name or path."""
+    from menseg.utils import sha256_file
+
+    path, _ = resolve_model(spec)
+    if not Path(path).is_file():
+        raise MensegError("model.init: no such checkpoint", path)
+    return sha256_file(path)
+
+
 def _first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
     """The first layer (in the network's order) whose name or shape differs between two state dicts."""
     for key, tensor in want.items():
