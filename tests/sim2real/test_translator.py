@@ -291,6 +291,42 @@ def test_domain_gap_separates_shifted_sets():
         domain_gap(real, {"x": [same[0][0]]})
 
 
+def test_gap_leaves_lesions_out_of_every_set():
+    """``away_from_lesions``: bright FLAIR / T1c regions of at least 1 cm3 (and known labels), grown by a
+    margin, are never inside a classifier patch nor in the tissue statistics; small bright specks stay."""
+    from menseg.data.sampling import choose_start, crop_pad
+    from menseg.sim2real.gap import LESION_MARGIN_MM, lesion_free_centres, lesion_mask
+
+    rng = np.random.default_rng(3)
+    n = 40
+    g = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2] * 3, indexing="ij"))
+    head = np.sqrt((g ** 2).sum(0)) < n / 2 - 1
+    img = (rng.normal(0, 0.3, (4, n, n, n)) * head).astype(np.float32)
+    t2f, t1c = MODALITIES.index("t2f"), MODALITIES.index("t1c")
+    img[t2f, 8:14, 18:24, 18:24] = 3.0   # 216 voxels at 2 mm: 1.7 cm3, a lesion
+    img[t1c, 28:30, 20:22, 20:22] = 4.0  # 8 voxels: a bright speck (a vessel), kept
+    label = np.zeros((n, n, n), np.uint8)
+    label[20:23, 30:33, 18:21] = 1       # a known lesion that is not bright
+    m = lesion_mask(img, 2.0)
+    margin = round(LESION_MARGIN_MM / 2.0)
+    assert m[8:14, 18:24, 18:24].all() and m[8 - margin, 20, 20] and not m[8 - margin - 1, 20, 20]
+    assert not m[28:30, 20:22, 20:22].any() and not m[20:23, 30:33, 18:21].any()
+    ml = lesion_mask(img, 2.0, label)
+    assert ml[20:23, 30:33, 18:21].all()
+    patch = (8, 8, 8)
+    centres = lesion_free_centres(img, ml, patch)
+    assert len(centres) > 0
+    for _ in range(50):  # no patch drawn from these centres holds a lesion voxel
+        start = choose_start(img.shape[1:], patch, rng, centres)
+        assert not crop_pad(ml[None], start, patch).any()
+    real = [img, img.copy()]
+    res = domain_gap(real, {"syn": [img, img.copy()]}, seed=0, patch=patch, steps=2, away_from_lesions=True,
+                     spacing_mm=2.0, labels={"syn": [label, label]})
+    assert res["syn"]["excluded"] > res["real"]["excluded"] > 0
+    table = gap_table(res)
+    assert "| real | - |" in table and "excluded" in table
+
+
 # ---------------------------------------------------------------- fit folder: one writer, damaged checkpoint
 
 
