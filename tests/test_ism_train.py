@@ -144,6 +144,26 @@ def test_synthetic_partner_pool(data: Path, tmp_path: Path) -> None:
     assert recs[-1]["ism_mixed"] == 2.0
 
 
+def _spied_step(step, model: ISMNet, sampler) -> tuple:  # noqa: ANN001
+    """One ISM step on a 2-sample batch of ``sampler``: ``(image, label, target, stats, captured)``, where
+    ``captured`` holds what the model's ``mix_forward`` received (partner ``xb``, fields ``fb``, ``keep``)."""
+    img_np, lab_np = sampler.batch(np.random.default_rng(1), 2)
+    img, y = torch.from_numpy(img_np), torch.from_numpy(lab_np)
+    captured: dict = {}
+    orig = model.mix_forward
+
+    def spy(xa, xb, fb, present=None, keep=None):  # noqa: ANN001, ANN202
+        captured.update(xb=xb, fb=fb, keep=keep)
+        return orig(xa, xb, fb, present, keep)
+
+    model.mix_forward = spy  # type: ignore[method-assign]
+    try:
+        _, target, stats = step.forward(0, img, y, [0, 1])
+    finally:
+        model.mix_forward = orig  # type: ignore[method-assign]
+    return img, y, target, stats, captured
+
+
 def test_unlabelled_partners_target_the_networks_own_prediction(data: Path, tmp_path: Path) -> None:
     """The ``unlabelled`` source: partner patches from data.unlabeled_root, whose targets are the
     network's own probabilities on the partner alone (a consistency term), not a label."""
@@ -166,21 +186,9 @@ def test_unlabelled_partners_target_the_networks_own_prediction(data: Path, tmp_
         for name, prm in model.named_parameters():
             if name.startswith("net.output_block") and name.endswith("bias"):
                 prm.add_(2.0)
-    step = ISMStep(cfg, model, real, None, unl)
-    img_np, lab_np = real.batch(np.random.default_rng(1), 2)
-    img, y = torch.from_numpy(img_np), torch.from_numpy(lab_np)
-    captured = {}
-    orig = model.mix_forward
-
-    def spy(xa, xb, fb, present=None, keep=None):  # noqa: ANN001, ANN202
-        captured.update(xb=xb, fb=fb)
-        return orig(xa, xb, fb, present, keep)
-
-    model.mix_forward = spy  # type: ignore[method-assign]
-    _, target, stats = step.forward(0, img, y, [0, 1])
+    img, y, target, stats, captured = _spied_step(ISMStep(cfg, model, real, None, unl), model, real)
     assert stats["ism_mixed"] == 2.0 and stats["ism_unlabelled"] == 2.0
     xb, fb = captured["xb"], captured["fb"]
-    model.mix_forward = orig  # type: ignore[method-assign]
     with torch.no_grad():
         own = torch.sigmoid(model(xb)[:, 0].float())  # the partner's prediction alone
     lam = fb.on_grid(img.shape[2:])
@@ -331,17 +339,7 @@ def test_keep_tumour_mix_keeps_the_own_lesion_and_partners_bring_tumour() -> Non
     model = build_model(cfg)
     assert isinstance(model, ISMNet)
     step = ISMStep(cfg, model, sampler)
-    img_np, lab_np = sampler.batch(np.random.default_rng(1), 2)
-    img, y = torch.from_numpy(img_np), torch.from_numpy(lab_np)
-    captured = {}
-    orig = model.mix_forward
-
-    def spy(xa, xb, fb, present=None, keep=None):  # noqa: ANN001, ANN202
-        captured.update(xb=xb, keep=keep)
-        return orig(xa, xb, fb, present, keep)
-
-    model.mix_forward = spy  # type: ignore[method-assign]
-    out, target, stats = step.forward(0, img, y, [0, 1])
+    img, y, target, stats, captured = _spied_step(step, model, sampler)
     assert stats["ism_mixed"] == 2.0 and target.is_floating_point()
     wt = labels_to_regions(y)
     inside = wt[:, 2] > 0
