@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -103,13 +104,33 @@ def test_bench_longitudinal(tmp_path: Path) -> None:
     assert summary["with_prior"]["n"] == summary["without_prior"]["n"] == 1
     saved = json.loads((tmp_path / "long" / "longitudinal-tinyism.json").read_text())
     assert saved["summary"]["with_prior"]["n"] == 1
-    assert "with prior" in (tmp_path / "long" / "longitudinal-tinyism.md").read_text()
+    table = (tmp_path / "long" / "longitudinal-tinyism.md").read_text()
+    assert "with prior" in table and "previous visit's label" in table
+    # the third row: the previous visit's label registered onto the last visit, scored like a prediction
+    assert summary["prior_label"]["n"] == 1 and 0.0 <= summary["prior_label"]["WT_lesion_dice"] <= 1.0
+    assert summary["gate"] is not None and -1.0 <= summary["gate"] <= 1.0 and "Temporal gate" in table
     pairs = list((tmp_path / "long" / "train" / "tinyism" / "preprocessed" / "pairs").glob("*.json"))
     assert len(pairs) == 2  # the second visit of each training patient
     with pytest.raises(MensegError, match="other settings"):
         run_longitudinal(tmp_path / "long", str(variant), str(_profile(tmp_path)),
                          LongitudinalSpec(n_train=3, n_test=1, visits=2, spacing_mm=4.0), device="cpu",
                          progress=False)
+
+
+def test_registered_prior_label_of_the_same_visit_is_its_label(tmp_path: Path) -> None:
+    """The prior-label row's label: a visit registered onto itself gives back its own label."""
+    import nibabel as nib
+
+    from menseg.bench.ism import registered_prior_label
+    from menseg.data.layouts import discover_cases
+    from menseg.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "d", n_cases=1, shape=(32, 32, 32), seed=4)
+    case = discover_cases(tmp_path / "d")[0]
+    out = registered_prior_label(case, case, tmp_path / "p" / "x.nii.gz")
+    got, want = nib.load(str(out)), nib.load(str(case.label))
+    assert np.array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj).astype(np.uint8))
+    assert np.allclose(got.affine, want.affine)
 
 
 def test_a_missing_run_for_one_variant_keeps_the_others_rows(tmp_path: Path) -> None:

@@ -347,13 +347,17 @@ def run_longitudinal(
     train(cfg, resume=resume, progress=progress)
     ckpt = run_dir / "latest.pt"
     series = discover_series(cohort / "test")
-    for mode in ("without_prior", "with_prior"):
-        pred_dir = out / "predictions" / Path(variant).stem / mode
+    for mode in MODES:
+        # the registered prior label does not depend on the variant: one folder for all
+        sub = PRIOR_LABEL if mode == PRIOR_LABEL else f"{Path(variant).stem}/{mode}"
+        pred_dir = out / "predictions" / sub
         pairs = {}
         for _patient, visits in series.items():
             (prev, d0), (last, d1) = visits[-2], visits[-1]
             target = pred_dir / f"{last.case_id}.nii.gz"
-            if not target.is_file():
+            if not target.is_file() and mode == PRIOR_LABEL:
+                registered_prior_label(prev, last, target)
+            elif not target.is_file():
                 kw = {"prior": prev, "gap_days": float(d1 - d0)} if mode == "with_prior" else {}
                 predict(
                     ckpt,
@@ -366,6 +370,7 @@ def run_longitudinal(
             pairs[last.case_id] = (target, last.label)
         evaluate_pairs(pairs, out / "evaluation" / Path(variant).stem / mode, progress=False)
     summary = _longitudinal_summary(out / "evaluation" / Path(variant).stem)
+    summary["gate"] = temporal_gate(ckpt)
     write_json_atomic(
         out / f"longitudinal-{Path(variant).stem}.json",
         {"spec": dataclasses.asdict(spec), "variant": variant, "profile": profile, "summary": summary},
@@ -374,9 +379,46 @@ def run_longitudinal(
     return summary
 
 
+#: The third row of ``menseg bench longitudinal``: no network, the previous visit's label rigidly registered
+#: onto the last visit (what the prior alone says about the last visit: the information it carries).
+PRIOR_LABEL = "prior_label"
+MODES: tuple[str, ...] = ("without_prior", "with_prior", PRIOR_LABEL)
+
+
+def registered_prior_label(prev: Any, last: Any, target: Path) -> Path:
+    """Write ``target``: the label of visit ``prev`` (CaseFiles with a label) rigidly registered onto visit
+    ``last`` (their t1c, mutual information: :func:`menseg.ism.register.register_rigid`), nearest-neighbour
+    resampled onto ``last``'s grid, with ``last``'s affine."""
+    import nibabel as nib
+
+    from menseg.ism.register import register_rigid, resample_to_fixed
+
+    if prev.label is None:
+        raise MensegError("the previous visit has no label", prev.case_id)
+    mov, fix = nib.load(str(prev.images["t1c"])), nib.load(str(last.images["t1c"]))
+    lab = nib.load(str(prev.label))
+    tf = register_rigid(np.asarray(mov.dataobj, np.float32), mov.affine, np.asarray(fix.dataobj, np.float32),
+                        fix.affine)
+    out = resample_to_fixed(np.asarray(lab.dataobj).astype(np.uint8), lab.affine, tf, fix.shape[:3],
+                            fix.affine, order=0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(out, fix.affine), str(target))
+    return target
+
+
+def temporal_gate(checkpoint: Path) -> float | None:
+    """``tanh(GATE_GAIN * alpha)``, the opening of a trained temporal fusion's gate (0 = the prior is
+    ignored everywhere; the per-location sigmoid scales it further), or None without temporal fusion."""
+    from menseg.checkpoint import load_checkpoint
+    from menseg.ism.temporal import GATE_GAIN
+
+    alpha = load_checkpoint(checkpoint)["model"].get("temporal.alpha")
+    return None if alpha is None else float(np.tanh(GATE_GAIN * float(alpha)))
+
+
 def _longitudinal_summary(eval_root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode in ("without_prior", "with_prior"):
+    for mode in MODES:
         with open(eval_root / mode / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
         out[mode] = {
@@ -398,22 +440,33 @@ def longitudinal_table(summary: dict[str, Any], variant: str) -> str:
         "| prediction | cases | " + " | ".join(REGION_NAMES) + " |",
         "|---|---|" + "---|" * len(REGION_NAMES),
     ]
-    for mode in ("without_prior", "with_prior"):
+    names = {"without_prior": "without prior", "with_prior": "with prior",
+             PRIOR_LABEL: "previous visit's label, registered (no network)"}
+    for mode in MODES:
+        if mode not in summary:  # results written before the row existed
+            continue
         s = summary[mode]
         lines.append(
-            f"| {mode.replace('_', ' ')} | {s['n']} | "
+            f"| {names[mode]} | {s['n']} | "
             + " | ".join(f"{s[f'{r}_lesion_dice']:.3f}" for r in REGION_NAMES)
             + " |"
         )
+    if summary.get("gate") is not None:
+        lines += ["", f"Temporal gate after training: tanh(gain x alpha) = {summary['gate']:.4f} "
+                      "(0: the prior is ignored)."]
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
     "DROPS",
+    "MODES",
+    "PRIOR_LABEL",
     "LongitudinalSpec",
     "longitudinal_cohort",
     "longitudinal_table",
     "missing_table",
+    "registered_prior_label",
     "run_longitudinal",
     "run_missing",
+    "temporal_gate",
 ]
