@@ -165,10 +165,10 @@ def test_report_home_and_away_with_drop_ceiling_power_and_postprocessing(tmp_pat
     cases = _test_cases(tmp_path / "data", n=2)
     names = metric_names()
 
-    def rec(variant, n, seed, test_set, wt, fixed=None, unl=None):
+    def rec(variant, n, seed, test_set, wt, fixed=None, unl=None, fp=(0.0, 0.0)):
         def table(wt):
-            return {c: {m: (wt[i] if m == "WT_lesion_dice" else 0.5) for m in names}
-                    for i, c in enumerate(cases)}
+            return {c: {m: (wt[i] if m == "WT_lesion_dice" else fp[i] if m == "WT_n_fp" else 0.5)
+                        for m in names} for i, c in enumerate(cases)}
 
         metrics, mf = table(wt), (table(fixed) if fixed else None)
         return RunRecord(variant, n, seed, (), metrics, str(tmp_path / "none"), 10.0, 1.0, test_set, mf, unl)
@@ -179,7 +179,7 @@ def test_report_home_and_away_with_drop_ceiling_power_and_postprocessing(tmp_pat
                  rec("baseline", 3, s, "site-b", [0.25, 0.25]),
                  rec("baseline", 8, s, "home", [1.0, 0.6]),  # the ceiling: whole pool
                  rec("baseline", 8, s, "site-b", [0.5, 0.5]),
-                 rec("sim2real@site-b", 3, s, "home", [0.75, 0.25 + 0.125 * s], unl="site-b"),
+                 rec("sim2real@site-b", 3, s, "home", [0.75, 0.25 + 0.125 * s], unl="site-b", fp=(s, 2.0)),
                  rec("sim2real@site-b", 3, s, "site-b", [0.5, 0.5 + 0.0625 * s], unl="site-b")]
     meta = {"variants": ["baseline", "sim2real@site-b"], "ceiling_n": 8}
     written = write_report(tmp_path / "report", recs, meta, {"home": cases})
@@ -190,6 +190,10 @@ def test_report_home_and_away_with_drop_ceiling_power_and_postprocessing(tmp_pat
     assert "| baseline | none | 3 | 2 | 0.500 ± 0.000 | 0.250 ± 0.000 | +0.250 | 62% |" in head
     # adapted variant: home per seed 0.5, 0.5625 -> 0.531 ± 0.044; site-b 0.5, 0.53125
     assert "| sim2real@site-b | site-b | 3 | 2 | 0.531 ± 0.044 | 0.516 ± 0.022 | +0.016 | 66% |" in head
+    errs = md.split("## Where lesion-wise Dice is lost")[1].split("\n## ")[0]
+    # FP per 100 cases, mean over seeds: seed 0 (0 + 2) / 2 = 1, seed 1 (1 + 2) / 2 = 1.5 -> 125
+    assert "| sim2real@site-b | 3 | 0.500; 125 FP, 50 FN | 0.500; 0 FP, 50 FN |" in errs
+    assert "| baseline | 3 | 0.500; 0 FP, 50 FN | 0.500; 0 FP, 50 FN |" in errs
     pp = md.split("## Learned post-processing")[1].split("\n## ")[0]
     assert "| baseline | 3 | 0.500 vs 0.375 (+0.125) | n/a |" in pp
     diffs = md.split("## Differences from baseline")[1].split("\n## ")[0]

@@ -396,6 +396,35 @@ def _postprocess_table(records: Sequence[RunRecord], variants: Sequence[str], se
     return ["variant", "N", *(_set_title(t) for t in sets)], body
 
 
+def _errors_table(records: Sequence[RunRecord], variants: Sequence[str], sets: Sequence[str]
+                  ) -> tuple[list[str], list[list[Any]]] | None:
+    """Where WT lesion-wise Dice is lost, per variant, N and test set (means over seeds): voxel-wise WT
+    Dice, false-positive WT lesions and missed WT lesions per 100 test cases. ``None`` when the runs hold
+    no lesion counts."""
+    acc: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
+    for r in records:
+        cases = list(r.metrics.values())
+        if not cases or "WT_n_fp" not in cases[0]:
+            continue
+        acc.setdefault((r.variant, r.n_labeled, r.test_set), []).append((
+            float(np.mean([c["WT_dice"] for c in cases])),
+            100.0 * float(np.mean([c["WT_n_fp"] for c in cases])),
+            100.0 * float(np.mean([c["WT_n_fn"] for c in cases]))))
+    if not acc:
+        return None
+    body = []
+    for v in variants:
+        for n in sorted({k[1] for k in acc if k[0] == v}):
+            row: list[Any] = [v, n]
+            for t in sets:
+                xs = acc.get((v, n, t))
+                row.append("n/a" if not xs else
+                           f"{np.mean([x[0] for x in xs]):.3f}; {np.mean([x[1] for x in xs]):.0f} FP, "
+                           f"{np.mean([x[2] for x in xs]):.0f} FN")
+            body.append(row)
+    return ["variant", "N", *(_set_title(t) for t in sets)], body
+
+
 def _set_blocks(test_set: str, records: Sequence[RunRecord], rows: list[dict[str, Any]],
                 tests: list[dict[str, Any]], reference: str, variants: Sequence[str],
                 figures: Mapping[str, str], heading: bool) -> list[Block]:
@@ -467,6 +496,15 @@ def _blocks(meta: Mapping[str, Any], records: Sequence[RunRecord], per_set: Mapp
                       "data vs the fixed rule (components below infer.min_component_mm3 removed), from "
                       "the same network output; mean over seeds (difference in brackets)."),
                 ("table", *pp)]
+    errs = _errors_table(records, variants, sets)
+    if errs is not None:
+        out += [("h2", "Where lesion-wise Dice is lost"),
+                ("p", "Per variant, N and test set, mean over seeds: voxel-wise WT Dice (the whole "
+                      "volume as one region); false-positive WT lesions (FP: predicted components that "
+                      "match no reference lesion) and missed WT lesions (FN) per 100 test cases. "
+                      "Lesion-wise Dice counts each FP and FN as a lesion with Dice 0, so a variant can "
+                      "gain voxel-wise Dice and still lose lesion-wise Dice by adding false positives."),
+                ("table", *errs)]
     for t in sets:
         d = per_set[t]
         out += _set_blocks(t, d["records"], d["rows"], d["tests"], reference, variants, d["figures"], multi)
