@@ -379,20 +379,23 @@ def _postprocess_table(records: Sequence[RunRecord], variants: Sequence[str], se
         learned = float(np.mean([_value_of(r, c, m) for c in r.metrics]))
         fixed = float(np.mean([float(r.metrics_fixed[c].get(m, math.nan)) for c in r.metrics_fixed]))
         acc.setdefault((r.variant, r.n_labeled, r.test_set), []).append((learned, fixed))
+    def cell(xs: list[tuple[float, float]]) -> str:
+        lw, fx = np.mean([x[0] for x in xs]), np.mean([x[1] for x in xs])
+        return f"{lw:.3f} vs {fx:.3f} ({lw - fx:+.3f})"
+
+    return _per_variant_table(acc, variants, sets, cell)
+
+
+def _per_variant_table(acc: Mapping[tuple[str, int, str], list[Any]], variants: Sequence[str],
+                       sets: Sequence[str], cell: Any) -> tuple[list[str], list[list[Any]]] | None:
+    """Rows ``[variant, N, cell per test set]`` of per-run values gathered by (variant, N, test set);
+    ``cell`` formats one non-empty list (over seeds), "n/a" where there is none. None when ``acc`` is."""
     if not acc:
         return None
     body = []
     for v in variants:
         for n in sorted({k[1] for k in acc if k[0] == v}):
-            row: list[Any] = [v, n]
-            for t in sets:
-                xs = acc.get((v, n, t))
-                if not xs:
-                    row.append("n/a")
-                    continue
-                lw, fx = np.mean([x[0] for x in xs]), np.mean([x[1] for x in xs])
-                row.append(f"{lw:.3f} vs {fx:.3f} ({lw - fx:+.3f})")
-            body.append(row)
+            body.append([v, n, *(cell(xs) if (xs := acc.get((v, n, t))) else "n/a" for t in sets)])
     return ["variant", "N", *(_set_title(t) for t in sets)], body
 
 
@@ -410,19 +413,11 @@ def _errors_table(records: Sequence[RunRecord], variants: Sequence[str], sets: S
             float(np.mean([c["WT_dice"] for c in cases])),
             100.0 * float(np.mean([c["WT_n_fp"] for c in cases])),
             100.0 * float(np.mean([c["WT_n_fn"] for c in cases]))))
-    if not acc:
-        return None
-    body = []
-    for v in variants:
-        for n in sorted({k[1] for k in acc if k[0] == v}):
-            row: list[Any] = [v, n]
-            for t in sets:
-                xs = acc.get((v, n, t))
-                row.append("n/a" if not xs else
-                           f"{np.mean([x[0] for x in xs]):.3f}; {np.mean([x[1] for x in xs]):.0f} FP, "
-                           f"{np.mean([x[2] for x in xs]):.0f} FN")
-            body.append(row)
-    return ["variant", "N", *(_set_title(t) for t in sets)], body
+    def cell(xs: list[tuple[float, float, float]]) -> str:
+        dice, fp, fn = (np.mean([x[i] for x in xs]) for i in range(3))
+        return f"{dice:.3f}; {fp:.0f} FP, {fn:.0f} FN"
+
+    return _per_variant_table(acc, variants, sets, cell)
 
 
 def _set_blocks(test_set: str, records: Sequence[RunRecord], rows: list[dict[str, Any]],
